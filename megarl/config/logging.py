@@ -1,0 +1,36 @@
+"""`logging`: where a run's outputs go and how progress and metrics are shown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import check_choice, check_positive
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    output_dir: str = "runs/megarl"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, plots, checkpoints."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tensorboard."""
+
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install wandb` and a login)."""
+
+    wandb_project: str = "megarl"
+    """Weights & Biases project."""
+
+    wandb_run_name: Optional[str] = None
+    """Weights & Biases run name; null uses the output directory's name."""
+
+    progress: str = "auto"
+    """Live progress display: auto (only when stdout is a terminal), on or off."""
+
+    log_interval: int = 1
+    """Steps between metric lines printed to the console."""
+
+    def validate(self) -> None:
+        check_choice("logging", "progress", self.progress, ("auto", "on", "off"))
+        check_positive("logging", "log_interval", self.log_interval)
