@@ -26,6 +26,7 @@ import contextlib
 import functools
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 import threading
 import types
@@ -61,6 +62,11 @@ _lock = threading.Lock()
 def has_cuda() -> bool:
     """True when a CUDA device can be used."""
     return torch.cuda.is_available()
+
+
+def has_transformer_engine() -> bool:
+    """True when transformer-engine can be imported (it is only installed on GPU machines)."""
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def device() -> torch.device:

@@ -1,0 +1,1 @@
+"""The Megatron actor: log-prob passes, the train step, the optimizer."""

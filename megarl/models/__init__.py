@@ -1,0 +1,1 @@
+"""Dense decoder shapes, Hugging Face config mapping, and the Megatron model builder."""
