@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron checkpoints: per-family adapters, TP/PP layout, distributed save/load."""
