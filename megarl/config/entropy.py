@@ -102,6 +102,12 @@ class EntropyConfig:
                 f"{self.intervention!r} is not one of {', '.join(BUILTIN_INTERVENTIONS)} "
                 "nor a dotted path 'package.module:ClassName'",
             )
+        if self.options and self.intervention in BUILTIN_INTERVENTIONS:
+            raise ConfigError(
+                "entropy.options",
+                f"{sorted(self.options)} given, but options are only passed to a user intervention "
+                f"(a dotted path); {self.intervention!r} takes its settings from entropy.* fields",
+            )
         for name in ("entropy_coef", "kl_cov_coef", "siren_coef", "aer_lr", "aer_alpha_init",
                      "aer_alpha_max"):
             check_non_negative("entropy", name, getattr(self, name))

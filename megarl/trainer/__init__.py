@@ -1,0 +1,1 @@
+"""The RL loop, advantages, metrics and logging."""
