@@ -275,9 +275,15 @@ def _replace_function(module_name: str, qualname: str) -> None:
     module = importlib.import_module(module_name)
     owner: Any = module
     *path, attr = qualname.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    raw = vars(owner)[attr] if isinstance(owner, type) else getattr(owner, attr)
+    try:
+        for part in path:
+            owner = getattr(owner, part)
+        raw = vars(owner)[attr] if isinstance(owner, type) else getattr(owner, attr)
+    except (AttributeError, KeyError):
+        raise RuntimeError(
+            f"megarl's CPU mode patches {module_name}.{qualname}, which this megatron-core "
+            f"({megatron_version()}) no longer has; update megarl/platform.py"
+        ) from None
     kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
     original = raw.__func__ if kind else raw
     if getattr(original, "__megarl_cpu_scoped__", False):
@@ -315,6 +321,12 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
 
 def _patch_rng_tracker() -> None:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        if not hasattr(random, name):
+            raise RuntimeError(
+                f"megarl's CPU mode replaces megatron.core.tensor_parallel.random.{name}, which "
+                f"this megatron-core ({megatron_version()}) no longer has; update megarl/platform.py"
+            )
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
 
