@@ -26,10 +26,16 @@ class LoggingConfig:
     """Weights & Biases run name; null uses the output directory's name."""
 
     progress: str = "auto"
-    """Live progress display: auto (only when stdout is a terminal), on or off."""
+    """Live progress display: auto (only when the console is a terminal), on, or off (plain
+    progress lines every log_interval steps instead of a live bar)."""
 
     log_interval: int = 1
     """Steps between metric lines printed to the console."""
+
+    def __post_init__(self) -> None:
+        # YAML (and so omegaconf's command line) reads a bare on/off as a boolean, which lands
+        # here as "True"/"False"; take it as the user meant it.
+        self.progress = {"True": "on", "False": "off"}.get(str(self.progress), self.progress)
 
     def validate(self) -> None:
         check_choice("logging", "progress", self.progress, ("auto", "on", "off"))
