@@ -12,6 +12,10 @@ from typing import Any, Optional
 from .errors import ConfigError, check_choice, check_non_negative, check_positive, check_range
 
 BUILTIN_INTERVENTIONS = ("none", "entropy_bonus", "clip_cov", "kl_cov", "siren", "aer")
+# What a user intervention class must provide (the interface of
+# megarl.losses.interventions.Intervention, checked here without importing the losses).
+INTERVENTION_METHODS = ("stats_request", "begin_iteration", "begin_step", "loss", "end_step",
+                        "state_dict", "load_state_dict")
 
 
 @dataclass(kw_only=True)
@@ -131,3 +135,21 @@ class EntropyConfig:
             )
         check_choice("entropy", "aer_weighting", self.aer_weighting, ("difficulty", "uniform"))
         check_non_negative("entropy", "aer_initial_entropy", self.aer_initial_entropy)
+        if ":" in self.intervention:
+            self._check_user_intervention()
+
+    def _check_user_intervention(self) -> None:
+        """Import the dotted path and check it names a class with the intervention methods."""
+        import inspect
+
+        from .validate import load_dotted  # validate imports the root config, which imports us
+
+        cls = load_dotted(self.intervention, "entropy.intervention")
+        if not inspect.isclass(cls):
+            raise ConfigError("entropy.intervention", f"{self.intervention!r} is {cls!r}, not a "
+                              "class (subclass megarl.losses.interventions.Intervention)")
+        missing = [m for m in INTERVENTION_METHODS if not callable(getattr(cls, m, None))]
+        if missing:
+            raise ConfigError("entropy.intervention",
+                              f"{self.intervention!r} lacks {', '.join(missing)}: subclass "
+                              "megarl.losses.interventions.Intervention")

@@ -41,8 +41,8 @@ class Metrics:
 
     def add_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the masked token mean of `values` (sum over `mask`, count of `mask`)."""
-        values = values.detach()
-        self.add(name, torch.where(mask, values, 0).sum(), mask.sum())
+        values = values.detach().double()  # float64 sums: combining is exact to rounding
+        self.add(name, torch.where(mask, values, 0.0).sum(), mask.sum())
 
     def update(self, other: "Metrics") -> "Metrics":
         for name, pair in other._pairs.items():

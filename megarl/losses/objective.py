@@ -95,7 +95,7 @@ class PolicyObjective:
         metrics.add("loss/intervention", term, share)
         metrics.add("loss/total", loss, share)
         self._token_metrics(metrics, stats, inputs)
-        entropy_sum = torch.where(mask, inputs.entropy.detach(), 0.0).sum().double()
+        entropy_sum = torch.where(mask, inputs.entropy.detach().double(), 0.0).sum()
         step.entropy_sum = entropy_sum if step.entropy_sum is None else step.entropy_sum + entropy_sum
         return loss, metrics.update(extra)
 
