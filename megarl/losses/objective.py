@@ -128,7 +128,9 @@ class PolicyObjective:
             if value is None and required:
                 raise ValueError(f"token stats lack {name!r}: compute them with "
                                  "PolicyObjective.stats_kwargs")
-            return None if value is None else value.reshape(-1)
+            # Outside the mask the ops may give -inf (padding targets) or nan; a `where` keeps
+            # those out of every later product, and its backward sends exactly 0 there.
+            return None if value is None else torch.where(batch.mask, value.reshape(-1), 0.0)
 
         log_probs = flat("log_probs", True)
         mask = batch.mask

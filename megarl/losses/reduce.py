@@ -29,9 +29,18 @@ SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
 
 def all_reduce(tensor: torch.Tensor, group: Optional[dist.ProcessGroup],
                op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over `group`; a no-op for `group=None` (a single rank)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
+    """In-place all-reduce over `group`; a no-op for `group=None` (a single rank).
+
+    Step-level inputs (masks, rewards) may live on the host while the group is NCCL: such a
+    tensor makes the round trip through the current CUDA device.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=op, group=group)
+        return tensor.copy_(on_device)
+    dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 

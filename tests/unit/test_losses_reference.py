@@ -55,11 +55,12 @@ def make_tokens(seed: int, lengths, *, advantages=None, groups=None, rewards=Non
     lp = lp_low + (-0.05 - lp_low) * torch.rand(T, generator=g)
     old = lp + 0.45 * torch.randn(T, generator=g)
     adv = torch.tensor([advantages[i] if i >= 0 else 0.0 for i in ids])
-    return Tokens(
-        lp=lp.float(), old=torch.where(mask_t, old, NAN).float(),
-        ref=(lp + 0.3 * torch.randn(T, generator=g)).float(),
+    return Tokens(  # the ops give -inf log-probs for padding targets
+        lp=torch.where(mask_t | (seq >= 0), lp, float("-inf")).float(),
+        old=torch.where(mask_t, old, NAN).float(),
+        ref=torch.where(mask_t, lp + 0.3 * torch.randn(T, generator=g), NAN).float(),
         adv=torch.where(mask_t, adv, NAN).float(),
-        H=(0.2 + 2.8 * torch.rand(T, generator=g)).float(),
+        H=torch.where(seq >= 0, 0.2 + 2.8 * torch.rand(T, generator=g), NAN).float(),
         Hp=(0.05 + 1.5 * torch.rand(T, generator=g)).float(),
         mask=mask_t, seq=seq, num_seqs=num,
         group=torch.tensor(groups if groups is not None else [s // 2 for s in range(num)]),
