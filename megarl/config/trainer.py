@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import check_non_negative, check_positive
+from .errors import check_non_negative, check_positive, check_range
 
 
 @dataclass(kw_only=True)
@@ -26,11 +26,12 @@ class TrainerConfig:
     """Train from rollout batches saved by `record_rollouts` instead of generating (no servers)."""
 
     entropy_law_min_steps: int = 5
-    """Steps of (entropy, reward) pairs before the entropy-performance law R = -a exp(H) + b is
-    fitted and its predicted ceiling reported."""
+    """Steps of (entropy/mean, reward/mean) pairs before the entropy-performance law
+    R = -a exp(H) + b is fitted and entropy_law/a, /b, /ceiling (= b - a) and /r2 are logged
+    (at least 2: a line needs two points)."""
 
     def validate(self) -> None:
         check_positive("trainer", "num_steps", self.num_steps)
         check_non_negative("trainer", "seed", self.seed)
         check_positive("trainer", "max_nonfinite_steps", self.max_nonfinite_steps)
-        check_positive("trainer", "entropy_law_min_steps", self.entropy_law_min_steps)
+        check_range("trainer", "entropy_law_min_steps", self.entropy_law_min_steps, low=2)

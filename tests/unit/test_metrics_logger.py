@@ -144,3 +144,35 @@ def test_phase_timer(monkeypatch):
     with timer.phase("train"):
         pass
     assert timer.metrics() == {"time/rollout": 2.0, "time/train": 0.5, "time/step": 10.0}
+
+
+def test_training_monitor_adds_the_law_logs_and_resumes(tmp_path, capsys):
+    from megarl.config import TrainerConfig
+    from megarl.metrics import TrainingMonitor
+
+    logging_cfg = cfg(tmp_path, progress="off", log_interval=2)
+    trainer_cfg = TrainerConfig(num_steps=6, entropy_law_min_steps=3)
+
+    def metrics(step):
+        entropy = 1.0 / step
+        return {"entropy/mean": entropy, "reward/mean": -0.3 * math.exp(entropy) + 0.9,
+                "time/rollout": 1.0}
+
+    with TrainingMonitor(logging_cfg, trainer_cfg, enabled=True) as monitor:
+        logged = [monitor.step(step, metrics(step)) for step in range(1, 4)]
+        checkpoint = monitor.state_dict()  # the run's last checkpoint is step 3
+        logged.append(monitor.step(4, metrics(4)))
+        monitor.log(4, {"eval/average/maj@4": 0.5})
+    assert "entropy_law/a" not in logged[1] and logged[2]["entropy_law/a"] == pytest.approx(0.3)
+    assert logged[3]["entropy_law/ceiling"] == pytest.approx(0.6)
+    assert "train: step 4/6 (67%) | reward" in capsys.readouterr().err
+    # It crashed after step 4 and resumes from step 3: step 4 is redone, the fit goes on from
+    # the checkpoint's three points.
+    with TrainingMonitor(logging_cfg, trainer_cfg, start_step=4, enabled=True) as monitor:
+        monitor.load_state_dict(checkpoint)
+        redone = monitor.step(4, metrics(4))
+    assert redone == logged[3]
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "eval/average/maj@4" not in records[3]  # dropped with the redone step
+    assert records[3]["entropy_law/b"] == pytest.approx(0.9)
