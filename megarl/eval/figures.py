@@ -46,9 +46,10 @@ PANELS = (
     Panel("Entropy", (ENTROPY_KEY,)),
     Panel("Nucleus entropy", ("entropy/nucleus_mean",)),
     Panel("Covariance of log-prob and advantage", ("cov/*",)),
-    Panel("Clip fractions", ("ppo/clip_frac*", "clip_cov/*frac*", "kl_cov/*frac*")),
+    Panel("Clip fractions", ("ppo/clip_frac*", "ppo/dual_clip_frac", "clip_cov/*frac*",
+                             "kl_cov/*frac*")),
     Panel("AER coefficient alpha", ("aer/alpha",)),
-    Panel("SIREN anchor", ("siren/anchor", "siren/h_sel*")),
+    Panel("SIREN anchor", ("siren/anchor", "siren/selected_entropy")),
     Panel("Response length", ("response_length/mean",)),
 )
 """The curve panels, in reading order; the entropy-law panel comes last."""

@@ -176,3 +176,19 @@ def test_training_monitor_adds_the_law_logs_and_resumes(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert "eval/average/maj@4" not in records[3]  # dropped with the redone step
     assert records[3]["entropy_law/b"] == pytest.approx(0.9)
+
+
+def _log_on_every_rank(output_dir: str) -> bool:
+    """Run on each gloo rank: every rank logs, as the trainer does."""
+    logger = MetricsLogger(LoggingConfig(output_dir=output_dir, tensorboard=False))
+    logger.log(1, {"reward/mean": 1.0})
+    logger.close()
+    return logger.enabled
+
+
+def test_only_rank_zero_of_a_process_group_writes(tmp_path):
+    from tests.harness import run_distributed
+
+    enabled = run_distributed(_log_on_every_rank, world_size=2, args=(str(tmp_path / "run"),))
+    assert enabled == [True, False]
+    assert [r["step"] for r in lines(tmp_path / "run" / "metrics.jsonl")] == [1]

@@ -69,7 +69,7 @@ def test_lines_carry_the_runs_data(figure):
         assert list(line.get_xdata()) == steps and list(line.get_ydata()) == values
     labels = sorted(line.get_label() for line in axes["Clip fractions"].lines)
     assert labels == ["grpo: ppo/clip_frac_high", "grpo: ppo/clip_frac_low",
-                      "siren: clip_cov/clip_frac", "siren: ppo/clip_frac_high"]
+                      "siren: clip_cov/frac_clipped", "siren: ppo/clip_frac_high"]
     # Several metrics in one panel: styles tell them apart, colours tell runs apart.
     styles = {line.get_label(): line.get_linestyle() for line in axes["Clip fractions"].lines}
     assert styles["grpo: ppo/clip_frac_high"] != styles["grpo: ppo/clip_frac_low"]
