@@ -84,7 +84,7 @@ class Siren(Intervention):
                     "pass (run the ops with PolicyObjective.stats_kwargs there and store "
                     "TokenStats." + field.removeprefix("old_") + "); "
                     "algorithm.use_rollout_logprobs=true skips that pass")
-            selected, _ = self.selected_sum(values.reshape(-1), mb.flat())
+            selected, _ = self.selected_sum(values.reshape(-1).double(), mb.flat())
             totals[0] += selected.detach().double()
             totals[1] += mb.num_seqs
         all_reduce(totals, dp_group)
