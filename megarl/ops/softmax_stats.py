@@ -1,0 +1,136 @@
+"""Local math of spec 1.1 / 1.2 on one chunk of tokens of one vocab shard.
+
+Nothing here communicates: the autograd Function in `token_stats.py` calls these per chunk
+and exchanges only the per-token results. Everything is float32 except the sums, and works
+in place on caller-owned buffers so that a chunk costs one float32 [C, V] buffer plus a
+sub-block temporary (`SUB_BLOCKS`), never a copy of the whole input.
+
+All values are relative to the global row max M of the tempered logits: y = (x - M) / T <= 0,
+e = exp(y), S = sum e, so log p = y - log S.
+
+Shape legend: C tokens of the chunk, V real columns of the local shard, B rows of a sub-block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUB_BLOCKS = 8
+"""The second temporary covers 1/SUB_BLOCKS of the chunk (the 0.125 in the memory bound)."""
+
+NEG_FLOOR = -1.0e4
+"""Stand-in for -inf logits where they would meet a 0 factor: far below exp's float32
+underflow (about -104) so exp() is still exactly 0, yet finite so 0 * NEG_FLOOR = 0."""
+
+
+def fixed_point_bits(real_vocab: int) -> int:
+    """Binary digits of the fixed-point masses: a whole row's sum stays below 2**62."""
+    return 62 - (real_vocab - 1).bit_length()
+
+
+def shift_into(x_CV: torch.Tensor, max_C: torch.Tensor, temperature: float,
+               out_CV: torch.Tensor) -> torch.Tensor:
+    """out = (x - M) / T in float32; x - M first, because it is exact for close values
+    (logits of magnitude 1e4 keep their small differences)."""
+    torch.sub(x_CV, max_C.unsqueeze(1), out=out_CV)
+    if temperature != 1.0:
+        out_CV.div_(temperature)
+    return out_CV
+
+
+def row_blocks(num_rows: int, sub_rows: int):
+    """Successive row slices of at most `sub_rows` rows."""
+    for a in range(0, num_rows, sub_rows):
+        yield slice(a, min(a + sub_rows, num_rows))
+
+
+def target_values(y_CV: torch.Tensor, local_C: torch.Tensor, owned_C: torch.Tensor) -> torch.Tensor:
+    """y at each row's target column where this shard owns the target, else 0."""
+    idx = torch.where(owned_C, local_C, 0).unsqueeze(1)
+    return torch.where(owned_C, y_CV.gather(1, idx).squeeze(1), 0.0)
+
+
+def chunk_sums(y_CV: torch.Tensor, tmp_BV: torch.Tensor, sums_C: torch.Tensor,
+               u_C: torch.Tensor | None, *, fixed_bits: int | None) -> None:
+    """Per-row partial sums of one shard, written into `sums_C` and `u_C`.
+
+    sums = sum e, in float64, or, when `fixed_bits` is given, as int64 fixed point
+    sum floor(e * 2**bits): integer sums are exact and so independent of the order and of how
+    the vocab is split, which the nucleus needs (spec 1.4: identical for every TP size).
+    u = sum e * y (float64, when `u_C` is given); it is NaN on rows whose y holds -inf
+    (0 * -inf), which `sum_e_y_clamped` recomputes once per call: checking here would cost a
+    device sync per block.
+    """
+    scale = 1.0 if fixed_bits is None else float(2 ** fixed_bits)
+    for sl in row_blocks(y_CV.shape[0], tmp_BV.shape[0]):
+        y = y_CV[sl]
+        e = torch.exp(y, out=tmp_BV[: y.shape[0]])
+        if fixed_bits is None:
+            sums_C[sl] = e.sum(-1)
+        else:
+            # scaling by a power of two is exact, and the int64 cast truncates each element
+            sums_C[sl] = torch.sum(e.mul_(scale), -1, dtype=torch.int64)
+        if u_C is not None:
+            u_C[sl] = e.mul_(y).sum(-1).double().div_(scale)
+
+
+def sum_e_y_clamped(y_BV: torch.Tensor) -> torch.Tensor:
+    """sum e * y per row with -inf entries counted as 0 (float64)."""
+    y = y_BV.clamp(min=NEG_FLOOR)
+    return (torch.exp(y) * y).sum(-1).double()
+
+
+def membership(x_BV: torch.Tensor, cut_value_B: torch.Tensor, cut_local_B: torch.Tensor,
+               cols_V: torch.Tensor) -> torch.Tensor:
+    """Nucleus membership of local columns: x > v, or x == v and column <= the cut column.
+
+    This is the order of spec 1.4 (probability descending, smaller id first) on raw logits,
+    which order exactly like probabilities and never round two different values together.
+    """
+    member = x_BV > cut_value_B.unsqueeze(1)
+    tie = x_BV == cut_value_B.unsqueeze(1)
+    tie &= cols_V.unsqueeze(0) <= cut_local_B.unsqueeze(1)
+    return member.logical_or_(tie)
+
+
+def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, *,
+               sub_rows: int, x_CV: torch.Tensor | None = None) -> None:
+    """Write d(loss)/dx for one chunk into `out_CV` (the logits' dtype), destroying y_CV.
+
+    With p = exp(y - log S) and y' = y - log S (= log p), every requested term is
+    p * (a + b * y') (spec 1.1, 1.2), plus for the nucleus q * (a2 + b2 * y') inside N
+    where q = p * S / S_N; the per-row coefficients in `coef` carry the upstream weights and
+    1/T. Keys: "log_s", "a1", optional "b1"; "clamp_rows" (chunk rows with -inf logits,
+    a host list, where y' meets a nonzero b); optional "a2", "b2", "cut_value", "cut_local",
+    "cols" (nucleus); optional "target" = (local column, weight) for the one-hot term of the
+    log-prob (weight 0 on rows whose target another shard owns).
+    """
+    y_CV.sub_(coef["log_s"].unsqueeze(1))
+    for r in coef.get("clamp_rows", ()):
+        y_CV[r].clamp_(min=NEG_FLOOR)
+    direct = out_CV.dtype == torch.float32
+    tmp = None if direct else torch.empty((min(sub_rows, y_CV.shape[0]), y_CV.shape[1]),
+                                          dtype=torch.float32, device=y_CV.device)
+    for sl in row_blocks(y_CV.shape[0], sub_rows):
+        y = y_CV[sl]
+        p = torch.exp(y, out=out_CV[sl] if direct else tmp[: y.shape[0]])
+        p.mul_(_grad_factor(y, coef, sl, x_CV))
+        if "target" in coef:
+            cols, weight = coef["target"]
+            p.scatter_add_(1, cols[sl].unsqueeze(1), weight[sl].unsqueeze(1))
+        if not direct:
+            out_CV[sl].copy_(p)
+
+
+def _grad_factor(y: torch.Tensor, coef: dict, sl: slice, x_CV: torch.Tensor | None) -> torch.Tensor:
+    """a1 + b1 * y' [+ member * (a2 + b2 * y')], built in y's storage where possible."""
+    a1 = coef["a1"][sl].unsqueeze(1)
+    nucleus = None
+    if "a2" in coef:
+        nucleus = torch.addcmul(coef["a2"][sl].unsqueeze(1), y, coef["b2"][sl].unsqueeze(1))
+        nucleus.mul_(membership(x_CV[sl], coef["cut_value"][sl], coef["cut_local"][sl],
+                                coef["cols"]))
+    if "b1" in coef:
+        factor = y.mul_(coef["b1"][sl].unsqueeze(1)).add_(a1)
+        return factor if nucleus is None else factor.add_(nucleus)
+    return a1 if nucleus is None else nucleus.add_(a1)
