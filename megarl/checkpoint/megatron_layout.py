@@ -5,6 +5,12 @@ A parameter is named as in a Megatron GPTModel with *global* layer numbers
 full tensors to the shard a tensor-parallel rank holds and back, and local layer numbers of a
 pipeline stage to global ones. Both the offline converters and the live weight export use it.
 
+Canonical names: transformer-engine fuses the pre-attention norm into `linear_qkv`
+(`linear_qkv.layer_norm_weight`) and the pre-MLP norm into `linear_fc1`; Megatron's local spec
+keeps them as `input_layernorm` / `pre_mlp_layernorm` but already saves them under the fused
+names in distributed checkpoints. megarl uses the fused (transformer-engine) names, with global
+layer numbers and without wrapper prefixes, as the one canonical name of a parameter.
+
 Rules (by the parameter's final name; local-spec and transformer-engine names alike):
 - column-parallel (split along dim 0): QKV weight and bias, word embeddings, output layer;
 - gated column-parallel: `linear_fc1` of a SwiGLU MLP holds [gate; up] and each rank holds
@@ -109,10 +115,56 @@ def renumber(name: str, offset: int) -> str:
 
 def layer_offset(chunk: torch.nn.Module) -> int:
     """Global number of the first decoder layer of a (possibly wrapped) GPTModel chunk."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    layers = chunk.decoder.layers
+    layers = unwrap(chunk).decoder.layers
     if len(layers) == 0:
         return 0
     # Megatron's TransformerLayer knows its 1-based global number.
     return layers[0].layer_number - 1
+
+
+# Local-spec names of the norms that transformer-engine fuses into the following linear layer.
+_LOCAL_TO_CANONICAL = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def canonical_name(name: str, offset: int = 0) -> str:
+    """The canonical name (module docstring) of parameter `name` of a chunk whose first layer
+    has global number `offset`; local-spec and transformer-engine names give the same result."""
+    name = renumber(name, offset)
+    match = _LAYER.match(name)
+    if match is not None and match["rest"][1:] in _LOCAL_TO_CANONICAL:
+        return f"{match['prefix']}{match['index']}.{_LOCAL_TO_CANONICAL[match['rest'][1:]]}"
+    return name
+
+
+def checkpoint_key(name: str) -> tuple[str, int | None]:
+    """Megatron's distributed-checkpoint key of a canonical name, and its layer number.
+
+    Megatron stacks a parameter of every layer into one global tensor whose first axis is the
+    layer (`decoder.layers.3.mlp.linear_fc2.weight` -> `decoder.layers.mlp.linear_fc2.weight`,
+    row 3); parameters outside the layers keep their name.
+    """
+    match = _LAYER.match(name)
+    if match is None:
+        return name, None
+    return f"{match['prefix']}{match['rest'][1:]}", int(match["index"])
+
+
+def full_shape(name: str, local_shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """Shape of the full tensor of which a tensor-parallel rank holds `local_shape`."""
+    split = split_of(name)
+    shape = list(local_shape)
+    if split is Split.ROW:
+        shape[1] *= tp
+    elif split in (Split.COLUMN, Split.GATED_COLUMN):
+        shape[0] *= tp
+    return tuple(shape)
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

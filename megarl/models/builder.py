@@ -17,6 +17,12 @@ from megarl.parallel.topology import padded_vocab_size
 
 
 def layer_spec(shape: ModelShape, model: ModelConfig):
+    """Megatron's layer spec: transformer-engine modules when in use, local modules otherwise.
+
+    Parameter names differ between the two (transformer-engine fuses the pre-attention and
+    pre-MLP norms into `linear_qkv` and `linear_fc1`); `megarl.checkpoint.megatron_layout`
+    maps both to one canonical form.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if megatron_config.use_transformer_engine(model):
@@ -51,8 +57,11 @@ def build_model_chunks(
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=shape.tie_word_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(shape.rope_theta),
+            # A float base gives the same inverse frequencies as Hugging Face's RoPE; int() would
+            # silently change a non-integral theta.
+            rotary_base=shape.rope_theta,
             rope_scaling=rope is not None,
+            # ModelShape has checked that the other llama3 parameters are Megatron's fixed ones.
             rope_scaling_factor=rope.factor if rope is not None else 8.0,
             vp_stage=stage,
         )

@@ -19,6 +19,26 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# megatron-core 0.16 takes only the factor; the other three are fixed inside its RoPE.
+MEGATRON_ROPE_FIXED = {
+    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+}
+
+
+def check_rope_scaling(rope: RopeScaling, where: str) -> None:
+    """Raise unless megatron-core reproduces `rope` exactly (`where` names the source)."""
+    if not rope.factor > 0:
+        raise ValueError(f"{where}: RoPE scaling factor must be positive, got {rope.factor!r}")
+    for name, fixed in MEGATRON_ROPE_FIXED.items():
+        value = getattr(rope, name)
+        if value != fixed:
+            raise ValueError(
+                f"{where}: llama3 RoPE scaling with {name}={value!r} cannot be represented: "
+                f"megatron-core 0.16 supports only {name}={fixed!r} "
+                f"(with any factor); converting would change the model's outputs"
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
     family: str
@@ -49,6 +69,8 @@ class ModelShape:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelShape.{name} must be a positive integer, got {value!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, "ModelShape.rope_scaling")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
