@@ -29,6 +29,13 @@ class RolloutConfig:
     use_router: bool = True
     """Send requests through sglang-router (load balancing, cache-aware routing)."""
 
+    router_policy: str = "cache_aware"
+    """Load-balancing policy of the router megarl starts: cache_aware, round_robin,
+    power_of_two or random."""
+
+    router_args: dict[str, Any] = field(default_factory=dict)
+    """Extra `python -m sglang_router.launch_router` flags, e.g. {retry_max_retries: 5}."""
+
     num_servers: int = 1
     """Servers megarl starts when `server_urls` is empty."""
 
@@ -45,13 +52,16 @@ class RolloutConfig:
     """Address the servers and the router megarl starts listen on."""
 
     base_port: int = 30000
-    """Port of the first server megarl starts; server i listens on base_port + i."""
+    """Port of the first server megarl starts; server i listens on base_port + i; 0 picks free
+    ports."""
 
     router_port: int = 30999
-    """Port of the router megarl starts."""
+    """Port of the router megarl starts; 0 picks a free port."""
 
     server_args: dict[str, Any] = field(default_factory=dict)
-    """Extra `python -m sglang.launch_server` flags, e.g. {chunked_prefill_size: 8192}."""
+    """Extra server flags: `python -m sglang.launch_server` flags for sglang, e.g.
+    {chunked_prefill_size: 8192}; `python -m megarl.rollout.dev_server` flags for dev, e.g.
+    {max_batch_size: 16}."""
 
     health_timeout_s: float = 900.0
     """Deadline for started servers to become healthy."""
@@ -97,6 +107,15 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.server_urls[{i}]", f"{url!r} is not an http(s) URL")
         if self.router_url is not None and not self.router_url.startswith(("http://", "https://")):
             raise ConfigError("rollout.router_url", f"{self.router_url!r} is not an http(s) URL")
+        if self.router_url is not None and not self.server_urls:
+            raise ConfigError("rollout.server_urls",
+                              "must list the servers behind rollout.router_url: weight updates "
+                              "go to every server directly, never through the router")
+        check_choice("rollout", "router_policy", self.router_policy,
+                     ("cache_aware", "round_robin", "power_of_two", "random"))
+        if self.backend == "dev" and self.server_tp != 1:
+            raise ConfigError("rollout.server_tp",
+                              f"{self.server_tp}: the dev server runs one process per server, use 1")
         for name in ("num_servers", "server_tp", "max_concurrency", "prompts_per_step",
                      "samples_per_prompt", "max_new_tokens", "health_timeout_s",
                      "request_timeout_s"):
@@ -105,8 +124,8 @@ class RolloutConfig:
             check_non_negative("rollout", name, getattr(self, name))
         check_range("rollout", "mem_fraction_static", self.mem_fraction_static, low=0, high=1,
                     low_open=True)
-        check_range("rollout", "base_port", self.base_port, low=1, high=65535)
-        check_range("rollout", "router_port", self.router_port, low=1, high=65535)
+        check_range("rollout", "base_port", self.base_port, low=0, high=65535)
+        check_range("rollout", "router_port", self.router_port, low=0, high=65535)
         check_positive("rollout", "temperature", self.temperature)
         check_range("rollout", "top_p", self.top_p, low=0, high=1, low_open=True)
         if self.top_k != -1:

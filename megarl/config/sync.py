@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from .errors import check_choice, check_non_negative, check_positive
+from .errors import check_choice, check_non_negative, check_positive, check_range
 
 
 @dataclass(kw_only=True)
@@ -22,6 +23,19 @@ class SyncConfig:
     group_port: int = 0
     """TCP port of the weight-update group's rendezvous; 0 picks a free one."""
 
+    master_address: Optional[str] = None
+    """Address at which the servers reach trainer rank 0 for the weight-update group; null
+    means 127.0.0.1 when every server is on this host and this host's IP address otherwise."""
+
+    pause_mode: str = "abort"
+    """How generation is paused around an update (SGLang's pause_generation modes): abort
+    (in-flight requests end with finish_reason abort), retract (they are requeued and resumed
+    with the new weights) or in_place (they wait with their KV cache)."""
+
+    flattened_buckets: bool = True
+    """One broadcast per bucket (SGLang's load_format=flattened_bucket); false sends one
+    broadcast per tensor, for servers that do not support flattened buckets."""
+
     timeout_s: float = 600.0
     """Deadline of one weight update."""
 
@@ -29,4 +43,6 @@ class SyncConfig:
         check_choice("sync", "transport", self.transport, ("broadcast", "colocated"))
         check_positive("sync", "bucket_mb", self.bucket_mb)
         check_non_negative("sync", "group_port", self.group_port)
+        check_range("sync", "group_port", self.group_port, high=65535)
         check_positive("sync", "timeout_s", self.timeout_s)
+        check_choice("sync", "pause_mode", self.pause_mode, ("abort", "retract", "in_place"))
