@@ -1,7 +1,7 @@
 """Evaluate a model on benchmarks: sample n responses per problem, verify them with
 math-verify, and report avg@n, pass@k and maj@k per benchmark and on average.
 
-    result = evaluate(generator, tokenizer, ["aime24.jsonl"], cfg.eval)
+    result = evaluate(client, tokenizer, cfg.eval.benchmarks, cfg.eval)
     logger.log(step, flat_metrics(result))     # eval/aime24/avg@4, ..., eval/average/maj@4
     print(format_table(result))
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +22,9 @@ from megarl.config.eval import EvalConfig
 from .answers import ScoredSample, score_samples
 from .benchmarks import Benchmark, BenchmarkSpec, Problem, load_benchmarks
 from .estimators import avg_at_n, maj_at_k, majority_label, pass_at_k
-from .generation import Generator, SamplingParams, check_responses, count_tokens, render_prompt
+from .generation import (
+    Generator, SamplingParams, as_generator, check_responses, count_tokens, render_prompt,
+)
 from .table import text_table
 
 SampleSink = Callable[[dict[str, Any]], None]
@@ -32,22 +34,28 @@ TOKENS_KEY = "response_tokens/mean"
 
 
 def evaluate(
-    generator: Generator, tokenizer: Optional[Any], benchmarks: Sequence[BenchmarkSpec],
+    generator: Any, tokenizer: Optional[Any], benchmarks: Sequence[BenchmarkSpec],
     eval_cfg: EvalConfig, *, progress: Optional[Any] = None,
-    sample_sink: Optional[SampleSink] = None,
+    sample_sink: Optional[SampleSink] = None, reward: Optional[Any] = None,
 ) -> dict[str, Any]:
     """Run every benchmark and return {"n", "k", "sampling", "benchmarks": {name: figures},
     "average": figures}; figures are fractions in [0, 1].
 
-    `progress` (a `megarl.metrics.Progress`, optional) advances by problems; `tokenizer` renders
-    chat prompts and counts response tokens (None: plain prompts, no token counts).
+    `generator`: an eval `Generator`, or the trainer's running rollout client (anything with
+    `generate_batch`, e.g. `megarl.rollout.RolloutClient`). `tokenizer` renders chat prompts,
+    encodes them for a client and counts response tokens (None: plain prompts, no counts).
+    `progress` (a `megarl.metrics.Progress`, optional) advances by problems.
+    `reward`: a math `megarl.rollout.reward.RewardComputer` to take the verdicts from (worker
+    processes with hard time limits, usable from any thread); without one they are computed
+    here, which math-verify's SIGALRM time limits confine to the main thread.
     """
+    generator = as_generator(generator, tokenizer, eval_cfg)
     loaded = load_benchmarks(benchmarks, eval_cfg)
     params = SamplingParams.from_config(eval_cfg)
     per_benchmark: dict[str, dict[str, float]] = {}
     for bench in loaded:
-        rows = _run_benchmark(generator, tokenizer, bench, eval_cfg, params, progress,
-                              sample_sink)
+        rows = _run_benchmark(generator, tokenizer, bench, eval_cfg, params,
+                              _Hooks(progress, sample_sink, reward))
         per_benchmark[bench.name] = _mean_rows(rows) | {"num_problems": len(rows)}
     return {
         "n": params.num_samples,
@@ -70,19 +78,39 @@ def problem_figures(scored: Sequence[ScoredSample], ks: Sequence[int]) -> dict[s
     return figures
 
 
+@dataclass(frozen=True)
+class _Hooks:
+    """The optional helpers of one evaluation."""
+
+    progress: Optional[Any]
+    sample_sink: Optional[SampleSink]
+    reward: Optional[Any]
+
+    def verdicts(self, problems: Sequence[Problem],
+                 responses: Sequence[Sequence[str]]) -> list[Optional[list[bool]]]:
+        """Per problem, the reward pool's verdicts (None: score in this process)."""
+        if self.reward is None:
+            return [None] * len(problems)
+        flat = [text for texts in responses for text in texts]
+        answers = [p.answer for p, texts in zip(problems, responses) for _ in texts]
+        rewards = iter(self.reward.score(flat, answers).rewards)
+        return [[next(rewards) == 1.0 for _ in texts] for texts in responses]
+
+
 def _run_benchmark(
     generator: Generator, tokenizer: Optional[Any], bench: Benchmark, cfg: EvalConfig,
-    params: SamplingParams, progress: Optional[Any], sample_sink: Optional[SampleSink],
+    params: SamplingParams, hooks: _Hooks,
 ) -> list[dict[str, float]]:
     rows = []
+    progress, sample_sink = hooks.progress, hooks.sample_sink
     size = cfg.problems_per_request_batch
     for start in range(0, len(bench.problems), size):
         chunk = bench.problems[start:start + size]
         prompts = [render_prompt(p.problem, tokenizer, cfg) for p in chunk]
-        responses = check_responses(prompts, generator.generate(prompts, params),
+        responses = check_responses(prompts, generator.sample(prompts, params),
                                     params.num_samples)
-        for problem, texts in zip(chunk, responses):
-            scored = score_samples(texts, problem.answer)
+        for problem, texts, correct in zip(chunk, responses, hooks.verdicts(chunk, responses)):
+            scored = score_samples(texts, problem.answer, correct)
             row = problem_figures(scored, cfg.k)
             tokens = count_tokens(texts, tokenizer)
             if tokens is not None:

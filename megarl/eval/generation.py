@@ -1,8 +1,9 @@
 """The one thing evaluation needs from a model: n sampled responses per prompt.
 
 Evaluation talks to generation through the small `Generator` protocol, so the same code runs
-against the rollout client of a training run (SGLang or the CPU dev server behind it), against
-a client of servers started by `megarl eval`, and against a deterministic fake in tests.
+against the rollout client of a training run (SGLang or the CPU dev server behind it, wrapped
+by `ClientGenerator`), against a client of servers started by `megarl eval`, against recorded
+responses (`RecordedGenerator`), and against a deterministic fake in tests.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class SamplingParams:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Samples responses; `generate(prompts, params)[i]` holds `params.num_samples` response
+    """Samples responses; `sample(prompts, params)[i]` holds `params.num_samples` response
     texts for `prompts[i]`, in the order they were drawn."""
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+    def sample(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
         ...
 
 
@@ -95,7 +96,7 @@ class RecordedGenerator:
                 self._by_prompt[prompt] = [str(r) for r in record["responses"]]
         self.path = path
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+    def sample(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
         out = []
         for prompt in prompts:
             if prompt not in self._by_prompt:
@@ -107,3 +108,40 @@ class RecordedGenerator:
                                  f"{params.num_samples}")
             out.append(recorded[:params.num_samples])
         return out
+
+
+class ClientGenerator:
+    """A `Generator` over megarl.rollout's `RolloutClient` (anything with its
+    `generate_batch(prompts_token_ids, sampling) -> responses`): each prompt is tokenized once
+    and sent `num_samples` times, all in one batch so the client keeps its servers busy."""
+
+    def __init__(self, client: Any, tokenizer: Any, cfg: EvalConfig) -> None:
+        if tokenizer is None:
+            raise ValueError("sampling from servers needs the model's tokenizer (token ids in, "
+                             "token ids out)")
+        self.client = client
+        self.tokenizer = tokenizer
+        # A chat template writes its own special tokens; a plain prompt needs the tokenizer's.
+        self._add_special = not (cfg.apply_chat_template
+                                 and getattr(tokenizer, "chat_template", None) is not None)
+
+    def sample(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+        from megarl.rollout.protocol import SamplingParams as RequestSampling
+
+        sampling = RequestSampling(temperature=params.temperature, top_p=params.top_p,
+                                   max_new_tokens=params.max_new_tokens)
+        n = params.num_samples
+        ids = [self.tokenizer.encode(p, add_special_tokens=self._add_special) for p in prompts]
+        responses = self.client.generate_batch([i for i in ids for _ in range(n)], sampling)
+        texts = [self.tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in responses]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def as_generator(source: Any, tokenizer: Optional[Any], cfg: EvalConfig) -> Generator:
+    """`source` itself when it is a `Generator`, or a rollout client wrapped in one."""
+    if isinstance(source, Generator):
+        return source
+    if hasattr(source, "generate_batch"):
+        return ClientGenerator(source, tokenizer, cfg)
+    raise TypeError(f"{type(source).__name__} is neither an eval Generator (sample(prompts, "
+                    "params)) nor a rollout client (generate_batch(token_ids, sampling))")

@@ -4,6 +4,7 @@ starts for an HF checkpoint (converted from Megatron first when asked)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 from megarl.config import MegarlConfig
 
-from .generation import Generator, RecordedGenerator
+from .generation import ClientGenerator, Generator, RecordedGenerator
 
 CONVERTER = Path(__file__).resolve().parents[2] / "tools" / "convert_megatron_to_hf.py"
 
@@ -54,14 +55,27 @@ def open_generator(args: argparse.Namespace, cfg: MegarlConfig,
     if args.megatron_dir:
         weights_dir = str(convert_megatron(args.megatron_dir, args.hf_config_dir,
                                            output_dir / "hf"))
-    with _served(weights_dir, cfg, args.server_url, tokenizer) as generator:
+    log_dir = output_dir / "server_logs"
+    with _served(weights_dir, cfg, args.server_url, tokenizer, log_dir) as generator:
         yield generator, tokenizer
 
 
 @contextmanager
-def _served(hf_dir: str, cfg: MegarlConfig, server_urls: Optional[list[str]],
-            tokenizer: Any) -> Iterator[Generator]:
-    # Wired to megarl.rollout's client once it is in the tree; until then only --replay works.
-    raise RuntimeError("megarl eval cannot serve a model yet: megarl.rollout's client is not in "
-                       "this tree; use --replay SAMPLES.jsonl")
-    yield
+def _served(weights_dir: str, cfg: MegarlConfig, server_urls: Optional[list[str]],
+            tokenizer: Any, log_dir: Path) -> Iterator[Generator]:
+    """A generator over servers: those at `server_urls`, or ones started as the `rollout`
+    section says (SGLang, or the CPU dev server) for `weights_dir`, stopped on exit."""
+    from megarl.rollout.client import RolloutClient
+    from megarl.rollout.servers import RolloutServers
+
+    rollout = cfg.rollout
+    if server_urls:
+        # Whatever answers at these URLs is used as is: no router in front, nothing started.
+        rollout = dataclasses.replace(rollout, server_urls=list(server_urls), router_url=None,
+                                      use_router=False)
+    with RolloutServers(rollout, model_path=weights_dir, log_dir=log_dir) as servers:
+        client = RolloutClient.from_config(rollout, servers.generate_urls)
+        try:
+            yield ClientGenerator(client, tokenizer, cfg.eval)
+        finally:
+            client.close()

@@ -2,7 +2,7 @@
 
 The responses (tests/fixtures/eval/tiny_responses.jsonl) are chosen so that each figure tests
 something: `2.0` must verify as 2, `0.5`, `\\frac{1}{2}` and `1/2` must be one answer for the
-vote (else the wrong `7`, first in order, wins), a response without an answer must not vote.
+vote (else the wrong `7`, first in order, wins), a response without a boxed answer must not vote.
 Expected figures, n = 4, k = 1, 2, 4 (worked by hand from the subsets):
   1+1:  correct T F T -   avg .5   pass@2 5/6  maj@2 4/6  maj@4 1
   half: correct F T T T   avg .75  pass@2 1    maj@2 3/6  maj@4 1
@@ -13,6 +13,7 @@ Expected figures, n = 4, k = 1, 2, 4 (worked by hand from the subsets):
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,9 @@ EXPECTED_TINY = {
 
 
 def config(**overrides) -> EvalConfig:
-    cfg = EvalConfig(samples_per_problem=4, k=[1, 2, 4], apply_chat_template=False,
-                     problems_per_request_batch=2, **overrides)
+    fields = dict(samples_per_problem=4, k=[1, 2, 4], apply_chat_template=False,
+                  problems_per_request_batch=2) | overrides
+    cfg = EvalConfig(**fields)
     cfg.validate()
     return cfg
 
@@ -52,9 +54,9 @@ class CountingGenerator(RecordedGenerator):
         super().__init__(str(RESPONSES), None, cfg)
         self.calls: list[tuple[list[str], SamplingParams]] = []
 
-    def generate(self, prompts, params):
+    def sample(self, prompts, params):
         self.calls.append((list(prompts), params))
-        return super().generate(prompts, params)
+        return super().sample(prompts, params)
 
 
 class WordTokenizer:
@@ -150,7 +152,7 @@ def test_chat_template_and_system_prompt():
 
 def test_generator_answer_is_checked():
     class Short:
-        def generate(self, prompts, params):
+        def sample(self, prompts, params):
             return [["\\boxed{1}"] * (params.num_samples - 1) for _ in prompts]
 
     with pytest.raises(RuntimeError, match="3 responses .* expected 4"):
@@ -178,3 +180,68 @@ def test_megarl_eval_replays_recorded_samples(tmp_path, capsys):
     assert rc == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["benchmarks"]["tiny_math"] == result["benchmarks"]["tiny_math"]
+
+
+def test_a_rollout_client_is_wrapped_and_asked_once_per_batch():
+    from megarl.eval.generation import as_generator
+
+    class CharTokenizer:
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return ([0] if add_special_tokens else []) + [ord(c) for c in text]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids if i or not skip_special_tokens)
+
+    class FakeClient:
+        """Answers each request with the problem's reference (read off the prompt) boxed."""
+
+        def __init__(self):
+            self.batches = []
+
+        def generate_batch(self, prompts_token_ids, sampling):
+            self.batches.append((prompts_token_ids, sampling))
+            answers = {"What is 1 + 1?": "2", "What is half of one?": "1/2",
+                       "What is 3 * 4?": "12"}
+            out = []
+            for ids in prompts_token_ids:
+                assert ids[0] == 0  # plain prompt: the tokenizer's special tokens are added
+                text = "".join(chr(i) for i in ids[1:])
+                answer = next(a for q, a in answers.items() if text.startswith(q))
+                out.append(types.SimpleNamespace(token_ids=[ord(c) for c in f"\\boxed{{{answer}}}"]))
+            return out
+
+    cfg = config(problems_per_request_batch=8)
+    client = FakeClient()
+    result = evaluate(client, CharTokenizer(), [TINY], cfg)
+    assert result["benchmarks"]["tiny_math"]["avg@4"] == 1.0
+    (ids, sampling), = client.batches  # one batch: 3 problems x 4 samples
+    assert len(ids) == 12 and ids[0] == ids[3] != ids[4]
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (0.6, 0.95, 3072)
+    with pytest.raises(TypeError, match="neither an eval Generator"):
+        as_generator(object(), None, cfg)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        as_generator(client, None, cfg)
+
+
+def test_verdicts_from_a_reward_pool_off_the_main_thread():
+    """The trainer may evaluate in a thread: with its reward worker pool the verdicts come from
+    worker processes (math-verify's SIGALRM limits cannot run in a thread) and agree."""
+    import threading
+
+    from megarl.rollout.reward import RewardComputer
+
+    cfg = config()
+    expected = evaluate(RecordedGenerator(str(RESPONSES), None, cfg), None, [TINY], cfg)
+    out = {}
+
+    def run(pool):
+        out["result"] = evaluate(RecordedGenerator(str(RESPONSES), None, cfg), None, [TINY],
+                                 cfg, reward=pool)
+
+    with RewardComputer("math", num_workers=1, timeout_s=30) as pool:
+        thread = threading.Thread(target=run, args=(pool,))
+        thread.start()
+        thread.join(60)
+    assert out["result"] == expected
