@@ -49,6 +49,9 @@ def evaluate(
     processes with hard time limits, usable from any thread); without one they are computed
     here, which math-verify's SIGALRM time limits confine to the main thread.
     """
+    if reward is not None and getattr(reward, "spec", "math") != "math":
+        # A user reward function (graded, format terms...) is not a correctness verdict.
+        reward = None
     generator = as_generator(generator, tokenizer, eval_cfg)
     loaded = load_benchmarks(benchmarks, eval_cfg)
     params = SamplingParams.from_config(eval_cfg)

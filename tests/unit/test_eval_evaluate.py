@@ -245,3 +245,16 @@ def test_verdicts_from_a_reward_pool_off_the_main_thread():
         thread.start()
         thread.join(60)
     assert out["result"] == expected
+
+
+def test_a_user_reward_function_is_not_taken_as_the_verdict():
+    class GradedScorer:
+        spec = "my_rewards:graded"
+
+        def score(self, responses, answers):
+            raise AssertionError("a non-math scorer must not be asked for verdicts")
+
+    cfg = config()
+    result = evaluate(RecordedGenerator(str(RESPONSES), None, cfg), None, [TINY], cfg,
+                      reward=GradedScorer())
+    assert result["benchmarks"]["tiny_math"]["avg@4"] == pytest.approx(EXPECTED_TINY["avg@4"])
