@@ -1,9 +1,10 @@
 """Offline conversion, Hugging Face <-> Megatron distributed checkpoint, a layer at a time.
 
 `hf_to_megatron` reads the HF safetensors lazily by name and writes a torch_dist checkpoint
-(TP=1 layout, loadable at any TP/PP) in rounds of one *unit* per rank: the embedding, each
-decoder layer, and the final norm with the output layer. Peak memory is about one unit plus
-the embedding, whatever the model size. Under torchrun the ranks share the units.
+(TP=1 layout, loadable at any TP/PP) one *unit* at a time: the embedding, each decoder layer,
+and the final norm with the output layer. Peak memory is about one unit (the embedding or the
+output layer being the largest), whatever the model size. Under torchrun the ranks share the
+units (rank r converts units r, r + world, ...).
 
 `megatron_to_hf` reads the checkpoint back unit by unit and writes HF-style sharded
 safetensors with the config and tokenizer files of a reference HF directory.
@@ -114,10 +115,9 @@ def hf_to_megatron(
                 Progress(len(work), desc="hf->megatron", unit="unit", mode=progress,
                          enabled=rank == 0) as bar:
             writer = StreamingCheckpointWriter(staging)
-            for start in range(0, len(work), world):
-                mine = work[start + rank] if start + rank < len(work) else []
-                writer.write_round(_unit_state(mine, adapter, checkpoint, dims))
-                bar.advance(min(world, len(work) - start))
+            for unit in work[rank::world]:
+                writer.write_unit(_unit_state(unit, adapter, checkpoint, dims))
+                bar.advance(world)  # the other ranks keep the same pace
             writer.finish()
             if rank == 0:
                 write_manifest(staging, shape, padded_vocab=dims.padded_vocab, hf_config=config,

@@ -3,9 +3,9 @@
 A torch_dist checkpoint stores every parameter as one global tensor under Megatron's key
 (`megatron_layout.checkpoint_key`): the parameters of all layers stacked along a first axis,
 at TP=1 layout, so that any TP/PP layout can load it. One `dist_checkpointing.save` call needs
-all of its tensors in memory at once, so `StreamingCheckpointWriter` saves one *round* at a
-time (each rank contributes the tensors of its current unit, e.g. one layer) into a staging
-folder, and `finish()` moves the data files up and merges the rounds' torch.distributed
+all of its tensors in memory at once, so `StreamingCheckpointWriter` saves one *unit* at a
+time (e.g. one layer: a slice of every stacked tensor) into a folder of its own, each rank
+its own units, and `finish()` moves the data files up and merges the units' torch.distributed
 checkpoint metadata into the single `.metadata` that Megatron's loader reads. The merge checks
 that every global tensor is covered exactly once.
 
@@ -34,7 +34,49 @@ EXTRA_STATE_MODULES = (
     "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2",
 )
 _METADATA = ".metadata"
-_MEGATRON_FILES = ("metadata.json", "common.pt")
+
+
+def in_process_strategy(collective: bool = True):
+    """A save strategy for Megatron's torch_dist format that writes from this process.
+
+    Megatron's own torch_dist writer hands the data to forked writer processes and starts a
+    spawn-method manager process; that fails in daemonic processes (worker pools, test
+    harnesses) and doubles the processes a converter runs. This one groups the main replicas
+    by key exactly as Megatron's does, translates them with Megatron's own function, and lets
+    torch.distributed.checkpoint write them in-process, so the files are the same format
+    (`metadata.json` says torch_dist, version 1) and Megatron's loader reads them.
+
+    Not `collective`: this rank saves alone (no plan exchange), which is how the streaming
+    writer saves a unit that covers only part of each global tensor.
+    """
+    from collections import defaultdict
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, flatten_state_dict, mcore_to_pyt_state_dict,
+    )
+
+    class InProcessTorchDistSave(SaveShardedStrategy):
+        @property
+        def can_handle_sharded_objects(self) -> bool:
+            return True
+
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            flat, _ = flatten_state_dict(sharded_state_dict)
+            by_key = defaultdict(list)
+            for item in flat.values():
+                if is_main_replica(item.replica_id):
+                    key = item.unique_key if isinstance(item, ShardedObject) else item.key
+                    by_key[key].append(item)
+            dcp.save(mcore_to_pyt_state_dict(dict(by_key), False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=False,
+                                              flatten_state_dict=False),
+                     no_dist=not collective)
+
+    return InProcessTorchDistSave("torch_dist", 1)
 
 
 def sharded_tensor(name: str, full: torch.Tensor, num_layers: int):
@@ -62,59 +104,51 @@ def extra_state_objects(layer: int, num_layers: int) -> dict:
 
 
 class StreamingCheckpointWriter:
-    """Writes a torch_dist checkpoint into `directory` in rounds (module docstring).
+    """Writes a torch_dist checkpoint into `directory` one unit at a time (module docstring).
 
-    Collective over `torch.distributed`'s default group: every rank calls `write_round` the
-    same number of times (with its own, possibly empty, state dict) and then `finish`.
+    Each rank writes its units independently (`write_unit`, no collectives); `finish` is
+    collective over the default group: rank 0 merges what every rank wrote.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory)
-        self.rounds = 0
-        self._strategy = None
+        self.units = 0
 
-    def write_round(self, state: dict) -> None:
-        """Save this rank's share of the next round (ShardedTensors/ShardedObjects by any key)."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.strategies.torch import (
-            TorchDistSaveShardedStrategy,
-        )
-
-        if self._strategy is None:
-            # One writer thread: fewer files, and the data is streamed in rounds anyway.
-            self._strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-        round_dir = self._round_dir(self.rounds)
-        if dist.get_rank() == 0:
-            round_dir.mkdir(parents=True)
-        dist.barrier()
-        dist_checkpointing.save(state, str(round_dir), sharded_strategy=self._strategy,
-                                validate_access_integrity=False)
-        self.rounds += 1
+    def write_unit(self, state: dict) -> None:
+        """Save ShardedTensors/ShardedObjects (by any key) that no other unit holds."""
+        unit_dir = self.dir / "units" / f"{dist.get_rank():05d}-{self.units:05d}"
+        unit_dir.mkdir(parents=True)
+        in_process_strategy(collective=False).save(state, unit_dir)
+        self.units += 1
 
     def finish(self) -> None:
-        """Merge the rounds into one checkpoint (rank 0 does the file work)."""
+        """Merge every rank's units into one checkpoint (rank 0 does the file work)."""
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+        from megatron.core.dist_checkpointing.serialization import (
+            get_default_save_common_strategy,
+        )
+
         dist.barrier()
         if dist.get_rank() == 0:
-            _merge_rounds(self.dir, [self._round_dir(i) for i in range(self.rounds)])
+            _merge_units(self.dir, sorted((self.dir / "units").iterdir()))
+            get_default_save_common_strategy().save_common({}, self.dir)
+            save_config(CheckpointingConfig("torch_dist", 1), str(self.dir))
         dist.barrier()
 
-    def _round_dir(self, i: int) -> Path:
-        return self.dir / "rounds" / f"{i:05d}"
 
-
-def _merge_rounds(directory: Path, round_dirs: list[Path]) -> None:
+def _merge_units(directory: Path, unit_dirs: list[Path]) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
-    if not round_dirs:
+    if not unit_dirs:
         raise ValueError("nothing was written")
     merged = None
-    for i, round_dir in enumerate(round_dirs):
-        metadata = FileSystemReader(str(round_dir)).read_metadata()
+    for unit_dir in unit_dirs:
+        metadata = FileSystemReader(str(unit_dir)).read_metadata()
         renamed = {}
         for info in metadata.storage_data.values():
             if info.relative_path not in renamed:
-                renamed[info.relative_path] = f"r{i:05d}{info.relative_path}"
-                os.replace(round_dir / info.relative_path,
+                renamed[info.relative_path] = f"u{unit_dir.name}{info.relative_path}"
+                os.replace(unit_dir / info.relative_path,
                            directory / renamed[info.relative_path])
         metadata.storage_data = {
             index: dataclasses.replace(info, relative_path=renamed[info.relative_path])
@@ -122,11 +156,9 @@ def _merge_rounds(directory: Path, round_dirs: list[Path]) -> None:
         }
         merged = metadata if merged is None else _merge_metadata(merged, metadata)
     _check_coverage(merged)
-    for name in _MEGATRON_FILES:  # identical in every round; Megatron's loader reads them
-        os.replace(round_dirs[0] / name, directory / name)
     with open(directory / _METADATA, "wb") as f:
         pickle.dump(merged, f)
-    shutil.rmtree(directory / "rounds")
+    shutil.rmtree(directory / "units")
 
 
 def _merge_metadata(into, other):
@@ -136,9 +168,9 @@ def _merge_metadata(into, other):
             into.state_dict_metadata[key] = meta
             continue
         if not hasattr(meta, "chunks"):
-            raise ValueError(f"object {key} written in two rounds")
+            raise ValueError(f"object {key} written by two units")
         if (mine.size, mine.properties.dtype) != (meta.size, meta.properties.dtype):
-            raise ValueError(f"{key}: rounds disagree on shape or dtype "
+            raise ValueError(f"{key}: units disagree on shape or dtype "
                              f"({tuple(mine.size)} {mine.properties.dtype} vs "
                              f"{tuple(meta.size)} {meta.properties.dtype})")
         mine.chunks.extend(meta.chunks)

@@ -20,7 +20,7 @@ import torch
 
 from megarl.checkpoint import megatron_layout as layout
 from megarl.checkpoint.adapters import adapter_for
-from megarl.checkpoint.dist_io import stored_object_keys, stored_tensors
+from megarl.checkpoint.dist_io import in_process_strategy, stored_object_keys, stored_tensors
 from megarl.checkpoint.hf_io import HFCheckpoint
 from megarl.checkpoint.manifest import shape_differences, write_manifest
 from megarl.checkpoint.output import staged_output
@@ -103,7 +103,7 @@ def save_megatron_checkpoint(
 
     state = model_sharded_state_dict(chunks)
     with staged_output(directory, overwrite, distributed=True) as staging:
-        dist_checkpointing.save(state, str(staging))
+        dist_checkpointing.save(state, str(staging), sharded_strategy=in_process_strategy())
         if ctx.rank == 0:
             write_manifest(staging, shape, padded_vocab=padded_vocab_of(chunks),
                            hf_config=hf_config, written_by="save_megatron_checkpoint",

@@ -65,7 +65,10 @@ def build_model_chunks(
             rope_scaling_factor=rope.factor if rope is not None else 8.0,
             vp_stage=stage,
         )
-        chunks.append(chunk.to(ctx.device))
+        # Megatron's local norms are built in float32 whatever params_dtype says; Megatron-LM
+        # casts the whole module (Float16Module), and so does megarl, so that every parameter,
+        # and every tensor the weight export sends, has the model's dtype.
+        chunks.append(chunk.to(device=ctx.device, dtype=config.params_dtype))
     return chunks
 
 
