@@ -85,6 +85,8 @@ class VocabShard:
         """Stack every rank's `t` (same shape everywhere) along a new leading dim [R, ...]."""
         if self.size == 1:
             return t.unsqueeze(0)
-        out = t.new_empty((self.size, *t.shape))
-        dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
-        return out
+        out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
+        # torch 2.13 renamed all_gather_into_tensor; older releases only have the old name
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, t.contiguous(), group=self.group)
+        return out.view(self.size, *t.shape)
