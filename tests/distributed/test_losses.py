@@ -113,3 +113,78 @@ def test_global_covariance_scope_takes_means_over_the_dp_group():
         count = sum(per_rank[r][scope][1] for r in (0, 1))
         assert count == single_count
         assert math.isclose(total, single_sum, rel_tol=1e-9) == expect_equal, scope
+
+
+TP_CASES = [
+    ("none", {}), ("entropy_bonus", {"entropy_coef": 0.05}),
+    ("clip_cov", {"clip_cov_ratio": 0.1, "cov_lb": -0.5, "cov_ub": 20.0}),
+    ("kl_cov", {"kl_cov_ratio": 0.1}), ("siren", {"siren_anchor": 0.2, "siren_coef": 0.5}),
+    ("aer", {"aer_alpha_init": 0.01}),
+]
+VOCAB = 48
+
+
+def _tp_case_inputs():
+    """Full logits, targets and loss inputs of one packed micro-batch (same on every rank)."""
+    tokens = make_tokens(50, [9, 6, 11, 7], groups=[0, 0, 1, 1], rewards=[1.0, 0.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(51)
+    logits = 2.5 * torch.randn(len(tokens.mask), VOCAB, generator=g)
+    targets = torch.randint(0, VOCAB, (len(tokens.mask),), generator=g)
+    lp = torch.log_softmax(logits.double() / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    old = torch.where(tokens.mask, lp + 0.4 * torch.randn(lp.shape, generator=g), float("nan"))
+    return tokens, logits, targets, old.float()
+
+
+def _tp_loss(case, tp, tp_group, shard_index):
+    from megarl.losses import MicroBatch
+    from megarl.ops import vocab_parallel_token_stats
+
+    tokens, logits, targets, old = _tp_case_inputs()
+    width = VOCAB // tp
+    shard = logits[:, shard_index * width:(shard_index + 1) * width].clone()
+    objective = build_loss(AlgorithmConfig(loss_agg_mode="seq-mean-token-mean", kl_coef=0.1),
+                           EntropyConfig(intervention=case[0], **case[1]),
+                           RolloutConfig(max_new_tokens=16, temperature=0.7), seed=11)
+    kwargs = dict(tp_group=tp_group, **objective.stats_kwargs)
+    with torch.no_grad():
+        before = vocab_parallel_token_stats(shard, targets, **kwargs)
+    batch = MicroBatch(mask=tokens.mask, seq_ids=tokens.seq, num_seqs=tokens.num_seqs,
+                       advantages=tokens.adv, old_log_probs=old, ref_log_probs=before.log_probs,
+                       old_entropy=before.entropy, old_nucleus_entropy=before.nucleus_entropy,
+                       seq_group_ids=tokens.group, seq_rewards=tokens.reward)
+    objective.begin_iteration([batch])
+    step = objective.begin_step([batch])
+    shard.requires_grad_()
+    loss, metrics = objective(vocab_parallel_token_stats(shard, targets, **kwargs), batch, step)
+    loss.backward()
+    return float(loss), shard.grad, metrics.reduce()
+
+
+def _tp_invariance():
+    rank = dist.get_rank()
+    groups = {1: None}
+    for tp in (2, 4):
+        for start in range(0, 4, tp):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(start, start + tp)))
+            if start <= rank < start + tp:
+                groups[tp] = group
+    return {(case[0], tp): _tp_loss(case, tp, groups[tp], rank % tp)
+            for case in TP_CASES for tp in (1, 2, 4)}
+
+
+def test_loss_and_logits_gradient_do_not_depend_on_tp_size():
+    per_rank = run_distributed(_tp_invariance, world_size=4, timeout=240)
+    for name, _ in TP_CASES:
+        loss1, grad1, metrics1 = per_rank[0][(name, 1)]
+        assert grad1.abs().sum() > 0
+        for tp in (2, 4):
+            losses = [per_rank[r][(name, tp)][0] for r in range(4)]
+            assert max(losses) == min(losses), (name, tp)  # every rank of every TP group
+            assert math.isclose(losses[0], loss1, rel_tol=1e-5, abs_tol=1e-7), (name, tp)
+            grad = torch.cat([per_rank[r][(name, tp)][1] for r in range(tp)], dim=-1)
+            torch.testing.assert_close(grad, grad1, rtol=1e-4, atol=1e-7, msg=f"{name} tp={tp}")
+            for key, value in metrics1.items():
+                assert per_rank[0][(name, tp)][2][key] == pytest.approx(value, rel=1e-4,
+                                                                        abs=1e-7), (name, key)
+    metrics = per_rank[0][("clip_cov", 1)][2]
+    assert 0 < metrics["clip_cov/frac_clipped"] < metrics["clip_cov/frac_candidates"]

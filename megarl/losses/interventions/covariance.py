@@ -78,8 +78,8 @@ class ClipCov(Intervention):
         self.draws += 1
         return generator
 
-    def select(self, inputs: LossInputs, cov_T: torch.Tensor) -> torch.Tensor:
-        """The tokens [T] (bool) whose loss is zeroed in this micro-batch."""
+    def select(self, inputs: LossInputs, cov_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens [T] (bool) whose loss is zeroed in this micro-batch, and the candidates."""
         cfg = self.config
         candidates = (inputs.mask & ~inputs.surrogate.clipped
                       & (cov_T > cfg.cov_lb) & (cov_T < cfg.cov_ub))
@@ -89,15 +89,16 @@ class ClipCov(Intervention):
         pick = torch.randperm(index.numel(), generator=generator)[:n].to(index.device)
         selected = torch.zeros_like(candidates)
         selected[index[pick]] = True
-        return selected
+        return selected, candidates
 
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, Metrics]:
         cov = token_covariance(inputs, self.config.cov_scope)
-        selected = self.select(inputs, cov)
+        selected, candidates = self.select(inputs, cov)
         term = -inputs.agg(torch.where(selected, inputs.surrogate.token_loss, 0.0))
         metrics = Metrics()
         covariance_metrics(cov, inputs.mask, metrics)
         metrics.add("clip_cov/frac_clipped", selected.sum(), inputs.mask.sum())
+        metrics.add("clip_cov/frac_candidates", candidates.sum(), inputs.mask.sum())
         return term, metrics
 
 
