@@ -78,10 +78,8 @@ def overlong_penalty(length: int, *, max_new_tokens: int, buffer_tokens: int,
                      penalty: float) -> float:
     """DAPO's soft over-long punishment (<= 0) for a response of `length` tokens."""
     start = max_new_tokens - buffer_tokens
-    if length <= start:
+    if length <= start:  # with no buffer nothing is penalised, as in DAPO's formula
         return 0.0
-    if buffer_tokens == 0:
-        return -penalty
     return -penalty * min(1.0, (length - start) / buffer_tokens)
 
 

@@ -118,6 +118,7 @@ class DevEngine:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.vocab_size = int(model.config.vocab_size)
         self.weight_version = "default"
+        self.num_finished = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._queue: "queue.Queue[EngineRequest]" = queue.Queue()
         self._running: list[EngineRequest] = []
@@ -192,8 +193,9 @@ class DevEngine:
                 self._updating = False
                 self._cond.notify_all()
 
-    def idle(self) -> bool:
-        return not self._busy and not self._running and self._queue.empty()
+    def load(self) -> int:
+        """Requests queued or running."""
+        return len(self._running) + self._queue.qsize()
 
     def stop(self) -> None:
         with self._cond:
@@ -278,16 +280,14 @@ class DevEngine:
                 self._finish(req, {"type": "length", "length": 0})
         out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=positions_BL,
                          past_key_values=cache, use_cache=True)
-        while any(r.finish is None for r in batch):
+        while self._finish_aborted(batch):
             self._park_while_paused()
+            if not self._finish_aborted(batch):  # an abort-mode pause ended them all
+                break
             next_B = torch.zeros(num_rows, dtype=torch.long)
             logits_BV = out.logits[:, -1, :self.vocab_size].float()
             for i, req in enumerate(batch):
                 if req.finish is not None:
-                    continue
-                if req.aborted:
-                    self._finish(req, {"type": "abort", "message": req.abort_message or "aborted",
-                                       "status_code": None, "err_type": None})
                     continue
                 token, logprob = sample_token(logits_BV[i], req.sampling, generators[i])
                 next_B[i] = token
@@ -300,6 +300,14 @@ class DevEngine:
             positions_BL = positions_BL[:, -1:] + 1
             out = self.model(input_ids=next_B[:, None], attention_mask=mask_BL,
                              position_ids=positions_BL, past_key_values=cache, use_cache=True)
+
+    def _finish_aborted(self, batch: list[EngineRequest]) -> bool:
+        """End aborted requests; whether any request of the batch is still running."""
+        for req in batch:
+            if req.finish is None and req.aborted:
+                self._finish(req, {"type": "abort", "message": req.abort_message or "aborted",
+                                   "status_code": None, "err_type": None})
+        return any(req.finish is None for req in batch)
 
     def _row_generator(self, sampling: Sampling) -> torch.Generator:
         if sampling.seed is not None:
@@ -325,6 +333,7 @@ class DevEngine:
 
     def _finish(self, req: EngineRequest, finish: dict[str, Any]) -> None:
         req.finish = finish
+        self.num_finished += 1
         reply = self._reply(req)
         req.loop.call_soon_threadsafe(_resolve, req.future, reply, None)
 

@@ -21,8 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import logging
+import sys
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from aiohttp import web
@@ -206,6 +209,8 @@ class DevServer:
             "sglang_protocol_version": SGLANG_VERSION, "model_path": self.model_path,
             "tp_size": 1, "dtype": self.dtype, "max_batch_size": self.engine.max_batch_size,
             "weight_version": self.engine.weight_version, "paused": self.engine.paused,
+            "num_requests_finished": self.engine.num_finished,
+            "num_requests_running": self.engine.load(),
         })
 
     # ------------------------------------------------------------------ weights
@@ -308,8 +313,6 @@ async def _json(request: web.Request, allow_empty: bool = True) -> Any:
     if not raw.strip():
         return {} if allow_empty else None
     try:
-        import json
-
         return json.loads(raw)
     except ValueError as exc:
         raise BadRequest(f"{request.path}: body is not valid JSON: {exc}") from None
@@ -370,14 +373,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if not (Path(args.model_path) / "config.json").is_file():
+        # before the slow imports: a wrong path should fail the run's start-up at once
+        sys.exit(f"megarl dev server: --model-path {args.model_path} is not a Hugging Face "
+                 "model directory (no config.json)")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_DropHttp2Probes())
     logger.warning(DEV_NOTICE)
     server = build_server(args)
     logger.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None,
-                access_log=None, handle_signals=True)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts the
+    # request in the engine (SGLang aborts requests of disconnected clients too)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None,
+                handle_signals=True, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -202,10 +202,13 @@ class RewardComputer:
                 ended += 1
             elif (worker.process.sentinel in ready or worker.conn in ready
                   or time.monotonic() >= worker.deadline):
-                timed_out = worker.process.is_alive()
-                why = (f"no result within reward.timeout_s={self.timeout_s:g} s" if timed_out
-                       else f"worker died with exit code {worker.process.exitcode}")
-                self._failed(result, worker.task, why, timeout=timed_out)
+                # a closed pipe or an ended process is a death, whatever the clock says
+                died = worker.process.sentinel in ready or worker.conn in ready
+                if died:
+                    worker.process.join(1.0)
+                why = (f"worker died with exit code {worker.process.exitcode}" if died
+                       else f"no result within reward.timeout_s={self.timeout_s:g} s")
+                self._failed(result, worker.task, why, timeout=not died)
                 self._stop(worker)
                 self._workers[i] = self._spawn()
                 ended += 1

@@ -84,7 +84,9 @@ def router_command(*, worker_urls: Sequence[str], host: str, port: int, policy: 
                    request_timeout_s: float, extra: Optional[dict[str, Any]] = None) -> list[str]:
     args = {"host": host, "port": port, "worker_urls": list(worker_urls), "policy": policy,
             "request_timeout_secs": int(request_timeout_s), "log_level": "warn",
-            **(extra or {})}
+            # The router's metrics exporter defaults to port 29000: a second router on the
+            # same host (another job, a test) would fail to start.
+            "prometheus_port": free_port(), **(extra or {})}
     return [sys.executable, "-m", "sglang_router.launch_router", *flags_from_dict(args)]
 
 
@@ -310,6 +312,15 @@ class RolloutServers:
             except OSError as exc:
                 report[url] = f"unreachable: {exc}"
         return report
+
+    def report_unhealthy(self) -> dict[str, str]:
+        """Log and return the servers that are not healthy (call after a rollout: the router
+        retries requests of a failed server on the others without telling the client)."""
+        problems = {url: state for url, state in self.health().items() if state != "ok"}
+        for url, state in problems.items():
+            logger.warning("rollout server %s is down: %s; its requests went to the others",
+                           url, state)
+        return problems
 
     def stop(self) -> None:
         """Stop what megarl started (router first); servers started elsewhere are left alone."""

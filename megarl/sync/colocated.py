@@ -103,7 +103,7 @@ class ColocatedWeightSync(WeightSync):
         if self.is_leader:
             self.admin.pause(self.pause_mode)
             self.admin.call_all("/release_memory_occupation", P.memory_occupation_payload(),
-                                parse=_ignore)
+                                parse=_ignore, expect_json=False)
         self.released = True
 
     def update(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
@@ -133,7 +133,7 @@ class ColocatedWeightSync(WeightSync):
 
     def _resume(self, tags: Sequence[str]) -> None:
         self.admin.call_all("/resume_memory_occupation", P.memory_occupation_payload(tags),
-                            parse=_ignore)
+                            parse=_ignore, expect_json=False)
 
     def _send(self, named: list[tuple[str, torch.Tensor]]) -> None:
         payload = self.serializer(named)
