@@ -6,7 +6,10 @@ and the backward to the logits shard. Variants are timed in interleaved rounds (
 each per round) so that noise on a shared machine hits them alike; the table reports each
 median relative to plain GRPO (`none`: log-probs plus the entropy every objective computes
 for its metrics). The logits are peaked like a language model's: most rows put most mass on
-a handful of tokens, so nucleus sizes stay small, as in RL rollouts.
+a handful of tokens, so nucleus sizes stay small, as in RL rollouts. `siren top_k=256` lowers
+`entropy.nucleus_top_k` (candidates per rank, spec default 1024; the result is exact either
+way) to show what the nucleus selection's all-gather costs. `loss_only_ms` is the objective
+alone on precomputed statistics, i.e. what `megarl.losses` adds on top of `megarl.ops`.
 
     python benchmarks/bench_losses.py [--json PATH] [--tokens 2048] [--vocab 32768]
 """
@@ -37,6 +40,7 @@ VARIANTS = [
     ("clip_cov", "clip_cov", {"clip_cov_ratio": 2e-3, "cov_lb": -5.0}),
     ("kl_cov", "kl_cov", {"kl_cov_ratio": 2e-3}),
     ("siren", "siren", {}),
+    ("siren top_k=256", "siren", {"nucleus_top_k": 256}),
     ("aer", "aer", {"aer_alpha_init": 1e-3}),
 ]
 RESPONSE_TOKENS = 256

@@ -31,7 +31,8 @@ class EntropyConfig:
     """Entropy bonus beta: the loss gets -beta * agg(H). 0 switches the bonus off."""
 
     clip_cov_ratio: float = 2e-4
-    """Clip-Cov: share of valid tokens whose gradient is cut."""
+    """Clip-Cov: share of valid tokens whose gradient is cut. (The published recipes also widen
+    the PPO window: algorithm.clip_eps_low = clip_eps_high = 1 and dual_clip_c = 10.)"""
 
     cov_lb: float = 1.0
     """Clip-Cov: lower bound on a token's covariance for it to be a candidate."""

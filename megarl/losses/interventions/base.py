@@ -142,7 +142,8 @@ class Intervention(abc.ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned. By default each key is the name of the
+        attribute it came from (override when that is not so)."""
         unknown = set(state) - set(self.state_dict())
         if unknown:
             raise KeyError(f"{type(self).__name__}: unexpected state keys {sorted(unknown)}")
