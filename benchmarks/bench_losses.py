@@ -3,7 +3,8 @@
 Two gloo processes hold the two vocab shards of one micro-batch (TP = 2, CPU). Each variant
 runs the vocab-parallel ops with the statistics its objective requests, the policy objective,
 and the backward to the logits shard. Variants are timed in interleaved rounds (one call of
-each per round) so that noise on a shared machine hits them alike; the table reports each
+each per round, the order rotated between rounds) so that noise on a shared machine hits them
+alike; the table reports each
 median relative to plain GRPO (`none`: log-probs plus the entropy every objective computes
 for its metrics). The logits are peaked like a language model's: most rows put most mass on
 a handful of tokens, so nucleus sizes stay small, as in RL rollouts. `siren top_k=256` lowers
@@ -117,6 +118,18 @@ def prepare(name, settings, shard, targets, batch, tp_group):
     return objective, batch, old
 
 
+def timed_step(objective, batch, tp_group, run) -> float:
+    """Wall time of `run(step)` inside one optimizer step, both ranks starting together."""
+    step = objective.begin_step([batch])
+    dist.barrier(tp_group)
+    start = time.perf_counter()
+    run(step)
+    dist.barrier(tp_group)
+    elapsed = time.perf_counter() - start
+    objective.end_step(step)
+    return elapsed
+
+
 def worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -127,19 +140,18 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     prepared = {label: prepare(name, settings, shard, targets, batch, tp_group)
                 for label, name, settings in VARIANTS}
     times = {kind: {label: [] for label in prepared} for kind in ("total", "loss")}
+    labels = list(prepared)
     for round_index in range(args["rounds"] + 1):  # round 0 warms up
-        for label, (objective, batch, old) in prepared.items():
-            for kind, run in (("total", lambda: one_step(objective, shard, targets, batch,
-                                                         tp_group, step)),
-                              ("loss", lambda: loss_only(objective, old, batch, step))):
-                step = objective.begin_step([batch])
-                dist.barrier(tp_group)
-                start = time.perf_counter()
-                run()
-                dist.barrier(tp_group)
+        # rotate the order each round: no variant always runs first (or after SIREN's peak)
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            objective, batch, old = prepared[label]
+            runs = {"total": lambda step: one_step(objective, shard, targets, batch, tp_group, step),
+                    "loss": lambda step: loss_only(objective, old, batch, step)}
+            for kind, run in runs.items():
+                elapsed = timed_step(objective, batch, tp_group, run)
                 if round_index:
-                    times[kind][label].append(time.perf_counter() - start)
-                objective.end_step(step)
+                    times[kind][label].append(elapsed)
     if rank == 0:
         old = prepared["siren"][2]
         queue.put({"times": times, "nucleus_size": float(old.nucleus_size.float().mean()),
