@@ -42,8 +42,8 @@ class Rule:
     hf_shapes: ShapeFn
 
     def for_layer(self, i: int) -> "Rule":
-        return Rule(self.megatron.replace("{i}", str(i)),
-                    tuple(n.replace("{i}", str(i)) for n in self.hf), self.transform, self.hf_shapes)
+        hf = tuple(n.replace("{i}", str(i)) for n in self.hf)
+        return Rule(self.megatron.replace("{i}", str(i)), hf, self.transform, self.hf_shapes)
 
 
 def _q(s: ModelShape) -> int:
@@ -112,9 +112,11 @@ class CheckpointAdapter(Protocol):
     def check_hf_tensors(self, available: Mapping[str, Shape], shape: ModelShape,
                          where: str) -> None: ...
 
-    def from_hf(self, name: str, read: Callable[[str], torch.Tensor], dims: Dims) -> torch.Tensor: ...
+    def from_hf(self, name: str, read: Callable[[str], torch.Tensor],
+                dims: Dims) -> torch.Tensor: ...
 
-    def to_hf(self, name: str, tensor: torch.Tensor, dims: Dims) -> list[tuple[str, torch.Tensor]]: ...
+    def to_hf(self, name: str, tensor: torch.Tensor,
+              dims: Dims) -> list[tuple[str, torch.Tensor]]: ...
 
 
 class DenseDecoderAdapter:
@@ -142,6 +144,11 @@ class DenseDecoderAdapter:
         """Every canonical Megatron parameter of the model, with its full (TP=1) shape."""
         return {name: rule.transform.megatron_shape(rule.hf_shapes(dims.shape), dims)
                 for name, rule in self.rules(dims.shape).items()}
+
+    def hf_outputs(self, name: str, shape: ModelShape) -> list[tuple[str, Shape]]:
+        """The HF tensors (name, shape) that Megatron parameter `name` holds, in to_hf order."""
+        rule = self._rule(name, shape)
+        return list(zip(rule.hf, (tuple(s) for s in rule.hf_shapes(shape))))
 
     def check_hf_tensors(self, available: Mapping[str, Shape], shape: ModelShape,
                          where: str) -> None:

@@ -6,8 +6,9 @@ and the final norm with the output layer. Peak memory is about one unit (the emb
 output layer being the largest), whatever the model size. Under torchrun the ranks share the
 units (rank r converts units r, r + world, ...).
 
-`megatron_to_hf` reads the checkpoint back unit by unit and writes HF-style sharded
-safetensors with the config and tokenizer files of a reference HF directory.
+`megatron_to_hf` reads the checkpoint back unit by unit and streams HF-style sharded
+safetensors (each tensor written as it is converted, so again about one unit in memory),
+with the config and tokenizer files of a reference HF directory.
 
 Everything the inputs can get wrong (missing or truncated files, a config that does not match
 the weights, an unsupported architecture, an existing output) is checked before the first
@@ -115,9 +116,10 @@ def hf_to_megatron(
                 Progress(len(work), desc="hf->megatron", unit="unit", mode=progress,
                          enabled=rank == 0) as bar:
             writer = StreamingCheckpointWriter(staging)
-            for unit in work[rank::world]:
-                writer.write_unit(_unit_state(unit, adapter, checkpoint, dims))
-                bar.advance(world)  # the other ranks keep the same pace
+            for start in range(0, len(work), world):
+                if start + rank < len(work):
+                    writer.write_unit(_unit_state(work[start + rank], adapter, checkpoint, dims))
+                bar.advance(min(world, len(work) - start))  # the other ranks keep pace
             writer.finish()
             if rank == 0:
                 write_manifest(staging, shape, padded_vocab=dims.padded_vocab, hf_config=config,
@@ -166,7 +168,9 @@ def megatron_to_hf(
                                "torchrun")
         with staged_output(output_dir, overwrite) as staging, \
                 Progress(len(work), desc="megatron->hf", unit="unit", mode=progress) as bar:
-            writer = ShardedSafetensorsWriter(staging, max_shard_bytes)
+            plan = [(hf, hf_shape, stored[layout.checkpoint_key(name)[0]][1])
+                    for name in expected for hf, hf_shape in adapter.hf_outputs(name, shape)]
+            writer = ShardedSafetensorsWriter(staging, plan, max_shard_bytes)
             for unit in work:
                 for name, full in read_tensors(megatron_dir, unit, stored).items():
                     writer.add_all(adapter.to_hf(name, full, dims))

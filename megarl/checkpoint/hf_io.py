@@ -6,19 +6,19 @@ and is as long as its header says (a truncated download is caught before any con
 starts), and reads a tensor by name with plain positioned reads: no memory map, so the
 process holds exactly the tensors it is working on.
 
-`ShardedSafetensorsWriter` takes (name, tensor) pairs as they come and writes HF-style shards
-(`model-00001-of-00003.safetensors` plus `model.safetensors.index.json`), holding at most one
-shard in memory.
+`ShardedSafetensorsWriter` streams (name, tensor) pairs, in an order planned up front, into
+HF-style shards (`model-00001-of-00003.safetensors` plus `model.safetensors.index.json`),
+writing each tensor as it comes, so nothing beyond the caller's tensors is held.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -158,57 +158,106 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 
 class ShardedSafetensorsWriter:
-    """Writes (name, tensor) pairs into HF-style shards of at most `max_shard_bytes` each.
+    """Streams tensors, in a planned order, into HF-style safetensors shards.
 
-    Shards get their final `-of-N` names in `finish()`, once N is known.
+    `plan` lists every (name, shape, dtype) that will be written, in order; shards of at most
+    `max_shard_bytes` (a larger tensor gets a shard of its own) and their headers are fixed
+    from it up front, so each tensor goes to disk as soon as it is added and nothing is
+    buffered: memory stays at what the caller holds. Files are `model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int) -> None:
+    def __init__(self, out_dir: str | Path,
+                 plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 max_shard_bytes: int) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        names = [name for name, _, _ in plan]
+        if len(set(names)) != len(names):
+            raise ValueError("the plan names a tensor twice")
         self.dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self._shards = _plan_shards(plan, max_shard_bytes)
+        self._expected = [(name, tuple(shape), dtype) for name, shape, dtype in plan]
+        self._next = 0
+        self._file = None
+        self._shard = -1
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
-            raise ValueError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+        """Write the next tensor of the plan."""
+        if self._next >= len(self._expected):
+            raise ValueError(f"tensor {name} is not in the plan (all were written)")
+        want_name, want_shape, want_dtype = self._expected[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want_name, want_shape, want_dtype):
+            raise ValueError(f"expected {want_name} {want_shape} {want_dtype} next, got "
+                             f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        shard = next(i for i, (_, members) in enumerate(self._shards) if name in members)
+        if shard != self._shard:
+            self._open(shard)
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))  # the tensor's own bytes, no copy
+        self._next += 1
 
     def add_all(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in pairs:
             self.add(name, tensor)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.dir / f"model-part{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    def _open(self, shard: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        path, members = self._shards[shard]
+        self._file = open(self.dir / path, "wb")
+        self._shard = shard
+        self._file.write(_header(members))
 
     def finish(self) -> list[Path]:
-        """Write the last shard, name the shards and write the index; returns the shard paths."""
-        if self._pending:
-            self._flush()
-        if not self._shards:
-            raise ValueError("no tensors were written")
-        count, weight_map, paths = len(self._shards), {}, []
-        for i, (path, names) in enumerate(self._shards, start=1):
-            final = self.dir / (SINGLE_FILE if count == 1 else
-                                f"model-{i:05d}-of-{count:05d}.safetensors")
-            os.replace(path, final)
-            paths.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        if count > 1:
+        """Close the last shard and write the index; every planned tensor must be written."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next != len(self._expected):
+            raise ValueError(f"{len(self._expected) - self._next} planned tensors were not "
+                             f"written (next: {self._expected[self._next][0]})")
+        if len(self._shards) > 1:
+            total = sum(_nbytes(s, d) for _, s, d in self._expected)
+            weight_map = {n: path for path, members in self._shards for n in members}
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
             (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return paths
+        return [self.dir / path for path, _ in self._shards]
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_shards(plan, max_shard_bytes: int) -> list[tuple[str, dict]]:
+    """[(file name, {tensor name: (shape, dtype)})] in plan order."""
+    groups: list[dict] = []
+    size = 0
+    for name, shape, dtype in plan:
+        nbytes = _nbytes(shape, dtype)
+        if not groups or (groups[-1] and size + nbytes > max_shard_bytes):
+            groups.append({})
+            size = 0
+        groups[-1][name] = (tuple(shape), dtype)
+        size += nbytes
+    if not groups:
+        raise ValueError("nothing to write")
+    count = len(groups)
+    return [(SINGLE_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors", g)
+            for i, g in enumerate(groups, start=1)]
+
+
+def _header(members: dict) -> bytes:
+    """The safetensors header of a shard whose tensors follow back to back in `members` order."""
+    names = {dtype: code for code, dtype in _DTYPES.items()}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in members.items():
+        nbytes = _nbytes(shape, dtype)
+        header[name] = {"dtype": names[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text

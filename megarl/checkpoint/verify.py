@@ -137,9 +137,11 @@ def model_logits(chunks, prompts: Sequence[torch.Tensor], ctx, vocab_size: int):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def loss_func(output, non_loss_data=False):
-        shards = [torch.empty_like(output) for _ in range(ctx.tp)]
-        dist.all_gather(shards, output.contiguous(), group=ctx.tp_group)
-        return torch.cat(shards, dim=-1)[..., :vocab_size].float().cpu()
+        if ctx.tp > 1:  # each TP rank holds a slice of the (padded) vocabulary
+            shards = [torch.empty_like(output) for _ in range(ctx.tp)]
+            dist.all_gather(shards, output.contiguous(), group=ctx.tp_group)
+            output = torch.cat(shards, dim=-1)
+        return output[..., :vocab_size].float().cpu()
 
     def forward_step(data_iterator, model):
         tokens = next(data_iterator).to(ctx.device)

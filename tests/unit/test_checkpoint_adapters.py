@@ -109,7 +109,8 @@ def test_adapters_are_registered_by_model_type_and_refuse_other_shapes():
      "decoder.layers.5.self_attention.linear_qkv.layer_norm_weight"),
     ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", 2,
      "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"),
-    ("decoder.layers.3.pre_mlp_layernorm.weight", 0, "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"),
+    ("decoder.layers.3.pre_mlp_layernorm.weight", 0,
+     "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"),
     ("module.output_layer.weight", 6, "output_layer.weight"),
 ])
 def test_local_and_transformer_engine_names_have_one_canonical_form(name, offset, canonical):

@@ -18,9 +18,13 @@ def _tensors():
             "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(7, generator=g)}
 
 
+def _plan(tensors):
+    return [(n, t.shape, t.dtype) for n, t in tensors.items()]
+
+
 def test_sharded_write_then_lazy_read_is_exact(tmp_path):
     tensors = _tensors()
-    writer = ShardedSafetensorsWriter(tmp_path, max_shard_bytes=30)
+    writer = ShardedSafetensorsWriter(tmp_path, _plan(tensors), max_shard_bytes=30)
     writer.add_all(tensors.items())
     paths = writer.finish()
     assert [p.name for p in paths] == ["model-00001-of-00003.safetensors",
@@ -33,18 +37,27 @@ def test_sharded_write_then_lazy_read_is_exact(tmp_path):
     assert checkpoint.shape("a") == (3, 4) and checkpoint.dtype("a") == torch.bfloat16
     for name, tensor in tensors.items():
         assert torch.equal(checkpoint.read(name), tensor)
+        assert torch.equal(load_file(tmp_path / index["weight_map"][name])[name], tensor)
     with pytest.raises(KeyError, match="no tensor named d"):
         checkpoint.read("d")
 
 
-def test_single_file_checkpoints_need_no_index(tmp_path):
-    writer = ShardedSafetensorsWriter(tmp_path, max_shard_bytes=10**6)
-    writer.add_all(_tensors().items())
+def test_single_file_and_the_plan_is_enforced(tmp_path):
+    tensors = _tensors()
+    writer = ShardedSafetensorsWriter(tmp_path, _plan(tensors), max_shard_bytes=10**6)
+    writer.add_all(tensors.items())
     assert [p.name for p in writer.finish()] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
-    assert torch.equal(load_file(tmp_path / "model.safetensors")["c"], _tensors()["c"])
-    with pytest.raises(ValueError, match="tensor a written twice"):
-        ShardedSafetensorsWriter(tmp_path, 10).add_all([("a", torch.zeros(1))] * 2)
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["c"], tensors["c"])
+    writer = ShardedSafetensorsWriter(tmp_path / "x", _plan(tensors), max_shard_bytes=10)
+    with pytest.raises(ValueError, match=r"expected a \(3, 4\) torch.bfloat16 next, got c"):
+        writer.add("c", tensors["c"])
+    with pytest.raises(ValueError, match="expected a .* got a \\(3, 4\\) torch.float32"):
+        writer.add("a", tensors["a"].float())
+    with pytest.raises(ValueError, match="3 planned tensors were not written"):
+        writer.finish()
+    with pytest.raises(ValueError, match="names a tensor twice"):
+        ShardedSafetensorsWriter(tmp_path, _plan(tensors) * 2, 10)
 
 
 def test_truncated_file_is_caught_from_its_header(tmp_path):

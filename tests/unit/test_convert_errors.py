@@ -85,3 +85,28 @@ def test_megatron_to_hf_needs_a_megatron_checkpoint(hf_dir):
     with pytest.raises(FileNotFoundError, match="not a Megatron torch_dist checkpoint"):
         megatron_to_hf(hf_dir, hf_dir.parent / "back", hf_dir, progress="off")
     assert not (hf_dir.parent / "back").exists()
+
+
+def test_verify_conversion_exits_non_zero_past_tolerance(hf_dir, monkeypatch, capsys):
+    import torch
+
+    from megarl.checkpoint import verify
+    from megarl.cli import build_parser
+
+    reference = [torch.zeros(5, 300), torch.zeros(3, 300)]
+    for logits in reference:
+        logits[:, 7] = 1.0
+    monkeypatch.setattr(verify, "hf_logits", lambda *a: reference)
+    ours = [r.clone() for r in reference]
+    monkeypatch.setattr(verify, "run_megatron", lambda *a: ours)
+    argv = ["verify-conversion", "--hf-dir", str(hf_dir), "--megatron-dir", str(hf_dir)]
+    args = build_parser(load=["verify-conversion"]).parse_args(argv + ["--atol", "1e-4"])
+    assert verify.run(args) == 0 and capsys.readouterr().out.rstrip().endswith("OK")
+    ours[1][2, 7] = 0.5  # one token's logit off by 0.5 (top-1 still agrees)
+    assert verify.run(args) == 1
+    out = capsys.readouterr().out
+    assert "max |logit difference|: 5.000e-01 (tolerance 0.0001)" in out and "FAILED" in out
+    ours[1][2, 9] = 2.0  # and now top-1 disagrees on 1 of 8 tokens
+    args = build_parser(load=["verify-conversion"]).parse_args(argv + ["--atol", "10"])
+    assert verify.run(args) == 1
+    assert "top-1 agreement: 87.50% (7/8; required 99%)" in capsys.readouterr().out

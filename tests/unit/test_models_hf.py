@@ -60,7 +60,8 @@ def _llama(**changes):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"model_type": "gpt2"}, r"model_type 'gpt2' is not supported; megarl converts llama, qwen2, qwen3"),
+    ({"model_type": "gpt2"},
+     r"model_type 'gpt2' is not supported; megarl converts llama, qwen2, qwen3"),
     (_llama(attention_bias=True), "attention_bias=True cannot be represented"),
     (_llama(mlp_bias=True), "mlp_bias=True cannot be represented"),
     (_llama(hidden_act="gelu"), "hidden_act='gelu'"),
