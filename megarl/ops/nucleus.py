@@ -38,10 +38,12 @@ RULES = ("inclusive", "exclusive")
 # Bytes of working memory per merged candidate and per fallback element (upper estimates),
 # used to size row blocks to the caller's memory budget.
 _BYTES_PER_CANDIDATE = 64
+_BYTES_PER_SEARCH_ELEMENT = 64
+_FIRST_STAGE_K = 32
+_BLOCK = 32  # columns per block when pruning the local top-k by block maxima
 MIN_BUDGET_BYTES = 4 << 20
 """Working memory the nucleus may always use, so that tiny chunks or shards do not cut the
 rows into one-row blocks, each costing its own collectives."""
-_BYTES_PER_FALLBACK_ELEMENT = 64
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Nucleus:
     log_mass: torch.Tensor  # float32, log sum_N exp(y) (-inf when empty), for backward
     cut_value: torch.Tensor  # float32: member iff x > cut_value, or x == cut_value and
     cut_id: torch.Tensor  # int64:    global id <= cut_id
+    split: torch.Tensor  # bool: some x == cut_value is outside N (else member iff x >= it)
 
 
 def order_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -98,70 +101,114 @@ def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
 
     `max_T` is the global max of the raw logits per row, `sum_fixed_T` the global
     fixed-point mass sum. Every rank must call this with the same T (collectives inside).
+    Rows go through candidate stages of growing K (`_stage_sizes`); what the last stage
+    cannot settle goes to the exact search.
     """
-    num_rows = x_TV.shape[0]
-    dev = x_TV.device
-    out = Nucleus(*(torch.empty(num_rows, dtype=torch.float32, device=dev) for _ in range(5)),
-                  cut_id=torch.empty(num_rows, dtype=torch.int64, device=dev))
-    k = min(spec.top_k, shard.vocab_local)
+    num_rows, dev = x_TV.shape[0], x_TV.device
+    out = Nucleus(*(torch.zeros(num_rows, dtype=torch.float32, device=dev) for _ in range(5)),
+                  cut_id=torch.zeros(num_rows, dtype=torch.int64, device=dev),
+                  split=torch.zeros(num_rows, dtype=torch.bool, device=dev))
     budget_bytes = max(budget_bytes, MIN_BUDGET_BYTES)
-    block = max(1, budget_bytes // (_BYTES_PER_CANDIDATE * shard.size * k))
     # the crossing element: the first whose cumulative mass reaches ceil(p * S), at most S
     threshold = torch.minimum(torch.ceil(spec.top_p * sum_fixed_T.double()).long(), sum_fixed_T)
-    for a in range(0, num_rows, block):
-        sl = slice(a, min(a + block, num_rows))
-        gathered = shard.all_gather(_local_candidates(x_TV[sl], shard, k))
-        _select_block(x_TV[sl], max_T[sl], threshold[sl], sum_fixed_T[sl], gathered, shard,
-                      spec, temperature, bits, budget_bytes, out, sl)
+    args = (shard, spec, temperature, bits)
+    pending = torch.arange(num_rows, device=dev)
+    lo = hi = None
+    for k in _stage_sizes(spec.top_k, shard.vocab_local):
+        per_row = _BYTES_PER_CANDIDATE * shard.size * k + 16 * min(shard.vocab_local, k * _BLOCK)
+        left, lo_parts, hi_parts = [], [], []
+        for rows in pending.split(max(1, budget_bytes // per_row)):
+            res = _try_candidates(x_TV[rows], max_T[rows], threshold[rows], k, *args)
+            done = res["resolved"]
+            _store(out, rows[done], res["member_key"][done], res["stats"][done],
+                   sum_fixed_T[rows[done]], bits)
+            left.append(rows[~done])
+            lo_parts.append(res["lo"][~done])
+            hi_parts.append(res["hi"][~done])
+        pending, lo, hi = torch.cat(left), torch.cat(lo_parts), torch.cat(hi_parts)
+        if pending.numel() == 0:  # the same on every rank: decided from gathered data
+            return out
+    key, stats = _search(x_TV[pending], max_T[pending], threshold[pending], lo, hi, *args,
+                         budget_bytes=budget_bytes)
+    _store(out, pending, key, stats, sum_fixed_T[pending], bits)
     return out
 
 
-def _local_candidates(x_BV: torch.Tensor, shard: VocabShard, k: int) -> torch.Tensor:
-    """[B, 2K + 1] float32: K values, K global ids (padding: -inf, ID_MASK), frontier."""
-    rows, n = x_BV.shape
-    out = torch.full((rows, 2 * k + 1), float("-inf"), dtype=torch.float32, device=x_BV.device)
-    out[:, k: 2 * k] = float(ID_MASK)
-    kk = min(k, n)
-    if kk > 0:
-        values, idx = torch.topk(x_BV, kk, dim=-1, sorted=False)
-        out[:, :kk] = values
-        out[:, k: k + kk] = idx + shard.start
-        if n > k:  # otherwise every real id is a candidate and nothing can be missing
-            out[:, 2 * k] = values.amin(-1)
-    return out
+def _stage_sizes(top_k: int, vocab_local: int) -> tuple[int, ...]:
+    """A small first K settles typical rows cheaply; `top_k` then takes the rest."""
+    k = min(top_k, vocab_local)
+    return (k,) if k <= _FIRST_STAGE_K else (_FIRST_STAGE_K, k)
 
 
-def _select_block(x_BV, max_B, threshold_B, sum_fixed_B, gathered, shard, spec, temperature,
-                  bits, budget_bytes, out: Nucleus, sl: slice) -> None:
-    k = (gathered.shape[-1] - 1) // 2
+def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits) -> dict:
+    """One candidate round: each rank's local top-k, gathered, merged identically everywhere.
+
+    Returns per row: resolved (the crossing is provably among the candidates), member_key
+    (members: key >= it), stats [G, 4] (sum_N e, sum_N e y, |N|, split), and for unresolved
+    rows the search bounds lo, hi.
+    """
+    gathered = shard.all_gather(_local_candidates(x_GV, shard, k))
     rows = gathered.shape[1]
     values = gathered[..., :k].permute(1, 0, 2).reshape(rows, -1)
     ids = gathered[..., k: 2 * k].permute(1, 0, 2).reshape(rows, -1).long()
     frontier = gathered[..., 2 * k].amax(0)
     keys, order = order_keys(values, ids).sort(dim=-1, descending=True)
     values = values.gather(-1, order)
-    y = shift_into(values, max_B, temperature, torch.empty_like(values))
+    y = shift_into(values, max_G, temperature, torch.empty_like(values))
     e = torch.exp(y)
     cum = (e * float(2 ** bits)).long().cumsum(-1)
-    cross = torch.searchsorted(cum, threshold_B.unsqueeze(1)).squeeze(1)
-    found = cross < cum.shape[1]
-    cross_c = cross.clamp(max=cum.shape[1] - 1).unsqueeze(1)
-    cross_key = keys.gather(1, cross_c).squeeze(1)
-    resolved = found & (values.gather(1, cross_c).squeeze(1) > frontier)
+    length = cum.shape[1]
+    cross = torch.searchsorted(cum, threshold_G.unsqueeze(1)).squeeze(1)
+    found = cross < length
+    at_cross = cross.clamp(max=length - 1).unsqueeze(1)
+    resolved = found & (values.gather(1, at_cross).squeeze(1) > frontier)
+    size = cross + 1 if spec.rule == "inclusive" else cross
+    last = (size - 1).clamp(0, length - 1).unsqueeze(1)
+    # members are the first `size` candidates; an empty nucleus gets a key above all
+    member_key = torch.where(size > 0, keys.gather(1, last).squeeze(1), keys[:, 0] + 1)
+    after = size.clamp(max=length - 1).unsqueeze(1)
+    split = (size > 0) & (size < length) & (
+        values.gather(1, after).squeeze(1) == values.gather(1, last).squeeze(1))
+    member = torch.arange(length, device=keys.device) < size.unsqueeze(1)
+    stats = torch.stack([*_member_sums(member, e, y), split.double()], dim=1)
+    lo = torch.where(found, keys.gather(1, at_cross).squeeze(1), MIN_KEY)
+    return dict(resolved=resolved, member_key=member_key, stats=stats, lo=lo,
+                hi=_key_above(frontier))
 
-    member_key = cross_key + (1 if spec.rule == "exclusive" else 0)
-    member = keys >= member_key.unsqueeze(1)
-    stats = torch.stack(_member_sums(member, e, y), dim=1)
-    unresolved = (~resolved).nonzero().squeeze(1)
-    if unresolved.numel():
-        lo = torch.where(found, cross_key, MIN_KEY)[unresolved]
-        hi = _key_above(frontier[unresolved])
-        fb_key, fb_stats = _fallback(x_BV[unresolved], max_B[unresolved],
-                                     threshold_B[unresolved], lo, hi, shard, spec,
-                                     temperature, bits, budget_bytes)
-        member_key[unresolved] = fb_key
-        stats[unresolved] = fb_stats
-    _finish(stats, member_key, sum_fixed_B, bits, out, sl)
+
+def _local_candidates(x_GV: torch.Tensor, shard: VocabShard, k: int) -> torch.Tensor:
+    """[G, 2k + 1] float32: k values, k global ids (padding: -inf, ID_MASK), frontier."""
+    rows, n = x_GV.shape
+    out = torch.full((rows, 2 * k + 1), float("-inf"), dtype=torch.float32, device=x_GV.device)
+    out[:, k: 2 * k] = float(ID_MASK)
+    if n:
+        values, cols, frontier = _local_top(x_GV, k)
+        kk = values.shape[1]
+        out[:, :kk], out[:, k: k + kk], out[:, 2 * k] = values, cols + shard.start, frontier
+    return out
+
+
+def _local_top(x_GV: torch.Tensor, k: int):
+    """Up to k largest values per row, their columns, and a frontier: every element with a
+    larger value is among them. Only the k blocks of `_BLOCK` columns with the largest
+    maxima can hold the top k, so topk runs on those (block maxima are a cheap reduction)."""
+    rows, n = x_GV.shape
+    if n <= k:
+        cols = torch.arange(n, device=x_GV.device).expand(rows, n)
+        return x_GV.float(), cols, torch.full((rows,), float("-inf"), device=x_GV.device)
+    if k * _BLOCK >= n:
+        values, cols = torch.topk(x_GV, k, dim=-1, sorted=False)
+        return values.float(), cols, values.amin(-1).float()
+    full = n // _BLOCK * _BLOCK
+    block_max = x_GV[:, :full].unflatten(1, (-1, _BLOCK)).amax(-1)
+    if full < n:
+        block_max = torch.cat([block_max, x_GV[:, full:].amax(-1, keepdim=True)], dim=1)
+    top_max, top_blocks = torch.topk(block_max, k, dim=-1, sorted=False)
+    cols = (top_blocks.unsqueeze(-1) * _BLOCK + torch.arange(_BLOCK, device=x_GV.device))
+    cols = cols.flatten(1)
+    values = x_GV.gather(1, cols.clamp(max=n - 1)).float().masked_fill_(cols >= n, float("-inf"))
+    values, pick = torch.topk(values, k, dim=-1, sorted=False)
+    return values, cols.gather(1, pick), torch.maximum(top_max.amin(-1).float(), values.amin(-1))
 
 
 def _key_above(value: torch.Tensor) -> torch.Tensor:
@@ -177,31 +224,32 @@ def _member_sums(member: torch.Tensor, e: torch.Tensor, y: torch.Tensor):
     return e64.sum(-1), ey.sum(-1), member.sum(-1).double()
 
 
-def _finish(stats: torch.Tensor, member_key: torch.Tensor, sum_fixed: torch.Tensor, bits: int,
-            out: Nucleus, sl: slice) -> None:
-    s_n, u_n, size = stats.unbind(1)
+def _store(out: Nucleus, rows: torch.Tensor, member_key: torch.Tensor, stats: torch.Tensor,
+           sum_fixed: torch.Tensor, bits: int) -> None:
+    s_n, u_n, size, split = stats.unbind(1)
     nonempty = size > 0
     s_safe = torch.where(nonempty, s_n, 1.0)
-    out.entropy[sl] = torch.where(nonempty, torch.log(s_safe) - u_n / s_safe, 0.0)
-    out.mass[sl] = s_n / (sum_fixed.double() * 2.0 ** -bits)
-    out.size[sl] = size
-    out.log_mass[sl] = torch.log(s_n)
-    out.cut_value[sl], out.cut_id[sl] = cut_of_key(member_key)
+    out.entropy[rows] = torch.where(nonempty, torch.log(s_safe) - u_n / s_safe, 0.0).float()
+    out.mass[rows] = (s_n / (sum_fixed.double() * 2.0 ** -bits)).float()
+    out.size[rows] = size.float()
+    out.log_mass[rows] = torch.log(s_n).float()
+    out.split[rows] = split > 0
+    out.cut_value[rows], out.cut_id[rows] = cut_of_key(member_key)
 
 
-def _fallback(x_GV, max_G, threshold_G, lo, hi, shard: VocabShard, spec: NucleusSpec,
-              temperature: float, bits: int, budget_bytes: int):
+def _search(x_GV, max_G, threshold_G, lo, hi, shard: VocabShard, spec: NucleusSpec,
+            temperature: float, bits: int, *, budget_bytes: int):
     """Exact search for rows whose crossing the candidates could not settle.
 
     Invariant per row: mass(key >= lo) >= threshold > mass(key >= hi); each step asks the
     group for the mass above `_SEARCH_POINTS` keys spaced over (lo, hi) at once (one
     all-reduce), so the interval shrinks 257-fold per step; at the end hi = lo + 1 and lo is
-    the crossing element's key. Returns (member key, [G, 3] member sums).
+    the crossing element's key. Returns (member key, [G, 4] stats as in _try_candidates).
     """
     rows = x_GV.shape[0]
-    group = max(1, budget_bytes // (_BYTES_PER_FALLBACK_ELEMENT * max(1, shard.vocab_local)))
+    group = max(1, budget_bytes // (_BYTES_PER_SEARCH_ELEMENT * max(1, shard.vocab_local)))
     keys_out = torch.empty(rows, dtype=torch.int64, device=x_GV.device)
-    stats_out = torch.empty(rows, 3, dtype=torch.float64, device=x_GV.device)
+    stats_out = torch.empty(rows, 4, dtype=torch.float64, device=x_GV.device)
     cols = torch.arange(x_GV.shape[1], device=x_GV.device) + shard.start
     for a in range(0, rows, group):
         sl = slice(a, min(a + group, rows))
@@ -220,8 +268,10 @@ def _fallback(x_GV, max_G, threshold_G, lo, hi, shard: VocabShard, spec: Nucleus
             hi_g = padded.gather(1, n_ok + 1).squeeze(1)
         member_key = lo_g + (1 if spec.rule == "exclusive" else 0)
         member = keys >= member_key.unsqueeze(1)
-        stats = shard.all_reduce_sum(torch.stack(_member_sums(member, e, y), dim=1))
-        keys_out[sl], stats_out[sl] = member_key, stats
+        cut_value, _ = cut_of_key(member_key)
+        left_out_tie = ((x == cut_value.unsqueeze(1)) & ~member).sum(-1).double()
+        stats = torch.stack([*_member_sums(member, e, y), left_out_tie], dim=1)
+        keys_out[sl], stats_out[sl] = member_key, shard.all_reduce_sum(stats)
     return keys_out, stats_out
 
 

@@ -51,27 +51,65 @@ def target_values(y_CV: torch.Tensor, local_C: torch.Tensor, owned_C: torch.Tens
 
 
 def chunk_sums(y_CV: torch.Tensor, tmp_BV: torch.Tensor, sums_C: torch.Tensor,
-               u_C: torch.Tensor | None, *, fixed_bits: int | None) -> None:
+               u_C: torch.Tensor | None, *, fixed_bits: int | None, blockwise: bool) -> None:
     """Per-row partial sums of one shard, written into `sums_C` and `u_C`.
 
-    sums = sum e, in float64, or, when `fixed_bits` is given, as int64 fixed point
-    sum floor(e * 2**bits): integer sums are exact and so independent of the order and of how
-    the vocab is split, which the nucleus needs (spec 1.4: identical for every TP size).
-    u = sum e * y (float64, when `u_C` is given); it is NaN on rows whose y holds -inf
-    (0 * -inf), which `sum_e_y_clamped` recomputes once per call: checking here would cost a
-    device sync per block.
+    sums = sum e in float64; or, when `fixed_bits` is given, the exact fixed-point mass
+    (int64): `fixed_mass` if `blockwise` (the shard starts on a MASS_BLOCK boundary), else
+    `element_fixed_mass`. u = sum e * y (float64, when `u_C` is given); it is NaN on rows
+    whose y holds -inf (0 * -inf), which `sum_e_y_clamped` recomputes once per call:
+    checking here would cost a device sync per block.
     """
-    scale = 1.0 if fixed_bits is None else float(2 ** fixed_bits)
     for sl in row_blocks(y_CV.shape[0], tmp_BV.shape[0]):
         y = y_CV[sl]
         e = torch.exp(y, out=tmp_BV[: y.shape[0]])
         if fixed_bits is None:
             sums_C[sl] = e.sum(-1)
         else:
-            # scaling by a power of two is exact, and the int64 cast truncates each element
-            sums_C[sl] = torch.sum(e.mul_(scale), -1, dtype=torch.int64)
+            sums_C[sl] = (fixed_mass if blockwise else element_fixed_mass)(e, fixed_bits)
         if u_C is not None:
-            u_C[sl] = e.mul_(y).sum(-1).double().div_(scale)
+            u_C[sl] = e.mul_(y).sum(-1)
+
+
+MASS_BLOCK = 128
+"""Ids per block of the exact mass sum; shards must start on a block boundary."""
+
+
+def fixed_mass(e_BV: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum e per row as int64 fixed point, the same bits for every TP size and device.
+
+    The vocab is cut into blocks of MASS_BLOCK consecutive global ids; a block's float32 sum
+    is taken by an explicit pairwise tree of elementwise adds (IEEE-exact, so independent of
+    reduction kernels and shapes), scaled by 2**bits (exact) and truncated to int64, and the
+    blocks are added as integers (exact in any order). The blocks must start at this
+    shard's first column, i.e. the shard width is a multiple of MASS_BLOCK (Megatron pads
+    the vocab to 128 x TP); otherwise use `element_fixed_mass`.
+    """
+    rows, n = e_BV.shape
+    scale = float(2 ** bits)
+    full = n // MASS_BLOCK * MASS_BLOCK
+    total = torch.zeros(rows, dtype=torch.int64, device=e_BV.device)
+    if full:
+        total += _tree_sum(e_BV[:, :full].unflatten(1, (-1, MASS_BLOCK))).mul_(scale).long().sum(-1)
+    if full < n:  # the real vocab ends inside this block: pad it with zero mass
+        tail = e_BV.new_zeros(rows, MASS_BLOCK)
+        tail[:, : n - full] = e_BV[:, full:]
+        total += _tree_sum(tail).mul_(scale).long()
+    return total
+
+
+def element_fixed_mass(e_BV: torch.Tensor, bits: int) -> torch.Tensor:
+    """sum e per row as int64 fixed point with every element truncated on its own."""
+    return torch.sum(e_BV * float(2 ** bits), -1, dtype=torch.int64)
+
+
+def _tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) by halving: a fixed order of IEEE adds."""
+    width = v.shape[-1] // 2
+    while width:
+        v = v[..., :width] + v[..., width: 2 * width]
+        width //= 2
+    return v.squeeze(-1)
 
 
 def sum_e_y_clamped(y_BV: torch.Tensor) -> torch.Tensor:
@@ -81,16 +119,19 @@ def sum_e_y_clamped(y_BV: torch.Tensor) -> torch.Tensor:
 
 
 def membership(x_BV: torch.Tensor, cut_value_B: torch.Tensor, cut_local_B: torch.Tensor,
-               cols_V: torch.Tensor) -> torch.Tensor:
+               cols_V: torch.Tensor, split_rows: list[int]) -> torch.Tensor:
     """Nucleus membership of local columns: x > v, or x == v and column <= the cut column.
 
     This is the order of spec 1.4 (probability descending, smaller id first) on raw logits,
     which order exactly like probabilities and never round two different values together.
+    Only rows where a tie at v straddles the cut (`split_rows`) need the column test.
     """
-    member = x_BV > cut_value_B.unsqueeze(1)
-    tie = x_BV == cut_value_B.unsqueeze(1)
-    tie &= cols_V.unsqueeze(0) <= cut_local_B.unsqueeze(1)
-    return member.logical_or_(tie)
+    member = x_BV >= cut_value_B.unsqueeze(1)
+    if split_rows:
+        r = torch.tensor(split_rows, device=x_BV.device)
+        x, v = x_BV[r], cut_value_B[r].unsqueeze(1)
+        member[r] = (x > v) | ((x == v) & (cols_V.unsqueeze(0) <= cut_local_B[r].unsqueeze(1)))
+    return member
 
 
 def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, *,
@@ -100,10 +141,10 @@ def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, *,
     With p = exp(y - log S) and y' = y - log S (= log p), every requested term is
     p * (a + b * y') (spec 1.1, 1.2), plus for the nucleus q * (a2 + b2 * y') inside N
     where q = p * S / S_N; the per-row coefficients in `coef` carry the upstream weights and
-    1/T. Keys: "log_s", "a1", optional "b1"; "clamp_rows" (chunk rows with -inf logits,
-    a host list, where y' meets a nonzero b); optional "a2", "b2", "cut_value", "cut_local",
-    "cols" (nucleus); optional "target" = (local column, weight) for the one-hot term of the
-    log-prob (weight 0 on rows whose target another shard owns).
+    1/T. Keys: "log_s", "a1", optional "b1"; "clamp_rows" (chunk rows with -inf logits, a
+    host list, where y' meets b1); optional "a2", "b2", "cut_value", "cut_local", "cols",
+    "split_rows" (nucleus); optional "target" = (local column, weight) for the one-hot term
+    of the log-prob (weight 0 on rows whose target another shard owns).
     """
     y_CV.sub_(coef["log_s"].unsqueeze(1))
     for r in coef.get("clamp_rows", ()):
@@ -127,9 +168,11 @@ def _grad_factor(y: torch.Tensor, coef: dict, sl: slice, x_CV: torch.Tensor | No
     a1 = coef["a1"][sl].unsqueeze(1)
     nucleus = None
     if "a2" in coef:
-        nucleus = torch.addcmul(coef["a2"][sl].unsqueeze(1), y, coef["b2"][sl].unsqueeze(1))
-        nucleus.mul_(membership(x_CV[sl], coef["cut_value"][sl], coef["cut_local"][sl],
-                                coef["cols"]))
+        split = [r - sl.start for r in coef["split_rows"] if sl.start <= r < sl.stop]
+        member = membership(x_CV[sl], coef["cut_value"][sl], coef["cut_local"][sl],
+                            coef["cols"], split)
+        inside = torch.addcmul(coef["a2"][sl].unsqueeze(1), y, coef["b2"][sl].unsqueeze(1))
+        nucleus = torch.where(member, inside, 0.0)  # where, not *: y' = -inf outside N
     if "b1" in coef:
         factor = y.mul_(coef["b1"][sl].unsqueeze(1)).add_(a1)
         return factor if nucleus is None else factor.add_(nucleus)

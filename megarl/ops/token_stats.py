@@ -57,6 +57,10 @@ class _Plan:
         return sm.fixed_point_bits(self.shard.real_vocab) if self.nucleus else None
 
     @property
+    def blockwise_mass(self) -> bool:
+        return self.shard.vocab_local % sm.MASS_BLOCK == 0
+
+    @property
     def sub_rows(self) -> int:
         return max(1, self.chunk_size // sm.SUB_BLOCKS)
 
@@ -175,7 +179,7 @@ def _forward(x_TV: torch.Tensor, targets, plan: _Plan) -> dict:
         return _empty_outputs(plan, dev)
     shard.all_reduce_max(row_max)
 
-    want_u = plan.entropy or plan.nucleus is not None
+    want_u = plan.entropy
     fixed = plan.fixed_bits
     sums = torch.zeros(num_rows, dtype=torch.int64 if fixed else torch.float64, device=dev)
     u = torch.zeros(num_rows, dtype=torch.float64, device=dev) if want_u else None
@@ -190,7 +194,8 @@ def _forward(x_TV: torch.Tensor, targets, plan: _Plan) -> dict:
             y = sm.shift_into(x[sl], row_max[sl], plan.temperature, buf[: sl.stop - sl.start])
             if plan.log_probs:
                 z_target[sl] = sm.target_values(y, local[sl], owned[sl])
-            sm.chunk_sums(y, tmp, sums[sl], None if u is None else u[sl], fixed_bits=fixed)
+            sm.chunk_sums(y, tmp, sums[sl], None if u is None else u[sl], fixed_bits=fixed,
+                          blockwise=plan.blockwise_mass)
         del buf, tmp
     clamp = _fix_neg_inf(x, row_max, plan.temperature, u) if want_u else None
     stacked = [z_target] if plan.log_probs else []
@@ -219,7 +224,7 @@ def _fix_neg_inf(x, row_max, temperature, u):
 def _finish_forward(x, targets, row_max, totals, clamp, plan: _Plan) -> dict:
     it = iter(totals)
     z_target = next(it) if plan.log_probs else None
-    u = next(it) if (plan.entropy or plan.nucleus) else None
+    u = next(it) if plan.entropy else None
     if plan.fixed_bits:
         hi, lo = next(it).long(), next(it).long()
         sum_fixed = (hi << 31) + lo
@@ -240,7 +245,7 @@ def _finish_forward(x, targets, row_max, totals, clamp, plan: _Plan) -> dict:
                        temperature=plan.temperature, bits=plan.fixed_bits, budget_bytes=budget)
         out.update(nucleus_entropy=n.entropy, nucleus_mass=n.mass, nucleus_size=n.size,
                    hp=n.entropy.clone(), hp_size=n.size.clone(), hp_log_mass=n.log_mass,
-                   cut_value=n.cut_value, cut_id=n.cut_id)
+                   cut_value=n.cut_value, cut_id=n.cut_id, split=n.split)
     return out
 
 
@@ -272,15 +277,21 @@ def _backward(x_TV, targets, plan: _Plan, saved: dict, g_lp, g_h, g_hp) -> torch
     chunk = min(plan.chunk_size, num_rows)
     buf = torch.empty(chunk, n_real, dtype=torch.float32, device=x.device)
     clamp_rows = coef.pop("clamp_rows", [])
+    split_rows = coef.pop("split_rows", [])
     for sl in sm.row_blocks(num_rows, chunk):
         y = sm.shift_into(x[sl], saved["row_max"][sl], plan.temperature, buf[: sl.stop - sl.start])
         chunk_coef = {k: (v[sl] if torch.is_tensor(v) and v.dim() == 1 and k != "cols" else v)
                       for k, v in coef.items()}
         if "target" in coef:
             chunk_coef["target"] = tuple(t[sl] for t in coef["target"])
-        chunk_coef["clamp_rows"] = [r - sl.start for r in clamp_rows if sl.start <= r < sl.stop]
+        chunk_coef["clamp_rows"] = _rows_in(clamp_rows, sl)
+        chunk_coef["split_rows"] = _rows_in(split_rows, sl)
         sm.chunk_grad(y, grad[sl, :n_real], chunk_coef, sub_rows=plan.sub_rows, x_CV=x[sl])
     return grad
+
+
+def _rows_in(rows: list[int], sl: slice) -> list[int]:
+    return [r - sl.start for r in rows if sl.start <= r < sl.stop]
 
 
 def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp) -> dict:
@@ -308,7 +319,8 @@ def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp) -> dict:
         b2 = -rho * g_hp * inv_t
         coef.update(b2=b2, a2=b2 * (log_s - log_mass + saved["hp"]),
                     cut_value=saved["cut_value"], cut_local=saved["cut_id"] - plan.shard.start,
-                    cols=torch.arange(plan.shard.real_local, device=log_s.device))
-    if "b1" in coef or "a2" in coef:
+                    cols=torch.arange(plan.shard.real_local, device=log_s.device),
+                    split_rows=saved["split"].nonzero().squeeze(1).tolist())
+    if "b1" in coef:
         coef["clamp_rows"] = saved["clamp"].nonzero().squeeze(1).tolist()
     return coef

@@ -23,7 +23,8 @@ from tests.harness import run_distributed
 from tests.unit.test_ops_reference import reference
 from tests.unit.test_ops_token_stats import assert_matches, edge_rows
 
-VOCAB = 96  # divisible by 1, 2 and 4 ranks
+VOCAB = 96  # divisible by 1, 2 and 4 ranks; not by 128: per-element exact masses
+WIDE = 4608  # 9 x 128 x 4: 128-id mass blocks and block-pruned candidates at every TP size
 STATS = ("log_probs", "entropy", "nucleus_entropy")
 OUTPUTS = STATS + ("nucleus_mass", "nucleus_size")
 
@@ -42,6 +43,19 @@ def _tie_rows(vocab=VOCAB):
     return rows
 
 
+def _llm_like_rows(rows, vocab, seed):
+    """A low bulk, a head of a few boosted ids per row (300 on some rows: nuclei past the
+    first candidate stage), and some flat rows (nuclei past every stage: exact search)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 2
+    for r in range(rows):
+        size = 300 if r % 5 == 2 else int(torch.randint(1, 40, (1,), generator=g))
+        head = torch.randint(0, vocab, (size,), generator=g)
+        logits[r, head] += 8 + 4 * torch.rand(head.shape[0], generator=g)
+    logits[::5] = torch.randn(len(range(0, rows, 5)), vocab, generator=g) * 0.3
+    return logits
+
+
 def cases() -> list[dict]:
     g = torch.Generator().manual_seed(20)
     rand = torch.randn(5, 7, VOCAB, generator=g) * 3
@@ -50,6 +64,9 @@ def cases() -> list[dict]:
     edge = torch.cat([edge_rows(VOCAB), _tie_rows()])
     edge_targets = torch.arange(edge.shape[0]) * 13 % VOCAB
     edge_w = tuple(torch.randn(edge.shape[0], generator=g) for _ in range(3))
+    wide = _llm_like_rows(20, WIDE, seed=21)
+    wide_targets = torch.arange(20) * 223 % 4500
+    wide_w = tuple(torch.randn(20, generator=g) for _ in range(3))
     return [
         # real vocab 70: at TP=4 rank 2 is partly and rank 3 entirely padding
         _case("fp32_padded", rand, targets, w, real_vocab_size=70, temperature=0.8,
@@ -67,12 +84,17 @@ def cases() -> list[dict]:
               nucleus_rule="exclusive", nucleus_top_k=2),
         _case("empty", torch.zeros(0, VOCAB), torch.zeros(0, dtype=torch.long),
               (torch.zeros(0),) * 3, nucleus_top_p=0.9),
+        _case("wide_fp32", wide, wide_targets, wide_w, real_vocab_size=4500,
+              nucleus_top_p=0.8, chunk_size=5),
+        _case("wide_bf16_exclusive", wide.bfloat16(), wide_targets, wide_w,
+              real_vocab_size=4500, nucleus_top_p=0.9, nucleus_rule="exclusive", temperature=0.7,
+              nucleus_top_k=300),
     ]
 
 
 def run_case(case, rank, size, group):
     """Forward + backward of one case on this rank's shard: (outputs, shard gradient)."""
-    v_loc = VOCAB // size
+    v_loc = case["logits"].shape[-1] // size
     x = case["logits"][..., rank * v_loc:(rank + 1) * v_loc].clone().requires_grad_(True)
     before = x.detach().clone()
     stats = vocab_parallel_token_stats(x, case["targets"], tp_group=group, entropy=True,

@@ -5,8 +5,8 @@ every input dtype, so forward errors do not depend on it):
   forward values: |ours - ref| <= 2e-5 + 1e-5 |ref|
   gradients:      float32 input: <= 2e-6 + 1e-4 |ref|; bf16/fp16 input (the gradient is
                   returned in the input dtype): <= 2e-5 + 8e-3 |ref| (bf16), 2e-3 |ref| (fp16)
-  nucleus size:   exact, except rows whose float64 cumulative mass is within 1e-5 of p at the
-                  nucleus edge (`near_boundary`), of which at most 2% may occur.
+  nucleus size:   exact, except rows whose float64 cumulative mass is within 1e-6 of p at the
+                  nucleus edge (`near_boundary`), of which at most 1 row or 2% may occur.
 The multi-rank versions of these checks are in tests/distributed/test_vocab_parallel.py.
 """
 
@@ -67,7 +67,7 @@ def check_against_reference(logits, targets, weights, *, top_p=0.7, rule="inclus
 def assert_matches(stats, grad, ref, dtype, *, max_near_boundary=0.02):
     """Compare a TokenStats (+ gradient) with reference() output."""
     ok = ~ref["near_boundary"]
-    assert (~ok).sum() <= max_near_boundary * ok.numel(), "too many near-boundary rows"
+    assert (~ok).sum() <= max(1, max_near_boundary * ok.numel()), "too many near-boundary rows"
     for name in ("log_probs", "entropy"):
         _close(getattr(stats, name).reshape(-1), ref[name], **FWD_TOL)
     for name in ("nucleus_entropy", "nucleus_mass"):
@@ -268,5 +268,4 @@ def test_property_random_shapes_match_reference(lead, vocab, pad, dtype, tempera
     ref = reference(logits.reshape(-1, vocab), targets.reshape(-1), temperature=temperature,
                     real_vocab=real, top_p=top_p, rule=rule,
                     weights=tuple(w.reshape(-1) for w in weights))
-    # a handful of rows per example: allow one near-boundary row
-    assert_matches(stats, grad, ref, dtype, max_near_boundary=1.0 if ref["near_boundary"].sum() <= 1 else 0.0)
+    assert_matches(stats, grad, ref, dtype)
