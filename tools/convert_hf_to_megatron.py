@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""Command line of `megarl.checkpoint.convert.hf_to_megatron`; see --help and that module.
+"""Hugging Face checkpoint -> Megatron distributed checkpoint (torch_dist, loads at any TP/PP).
 
-Run from a checkout or an installed megarl; under torchrun for several processes where the
-converter supports it. The `__main__` guard is required: Megatron's checkpointing starts
-helper processes with the spawn method, which re-imports this file.
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-Math-7B --output-dir ckpt/qwen7b --tp 2
+    torchrun --nproc-per-node 8 tools/convert_hf_to_megatron.py --hf-dir ... --output-dir ...
+
+Streams one layer at a time; under torchrun the ranks share the layers. See --help and
+`megarl.checkpoint.convert`.
 """
 
 import sys
 from pathlib import Path
 
-# Importable from a plain checkout too (tools/ is not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # required: Megatron's checkpointing can start spawn-method helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a plain checkout
+    from megarl.checkpoint.convert import main_hf_to_megatron, run_tool
 
-from megarl.checkpoint.convert import main_hf_to_megatron, run_tool  # noqa: E402
-
-if __name__ == "__main__":
     sys.exit(run_tool(main_hf_to_megatron))

@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""Command line of `megarl.checkpoint.convert.megatron_to_hf`; see --help and that module.
+"""Megatron distributed checkpoint -> Hugging Face safetensors (one process, any training layout).
 
-Run from a checkout or an installed megarl; under torchrun for several processes where the
-converter supports it. The `__main__` guard is required: Megatron's checkpointing starts
-helper processes with the spawn method, which re-imports this file.
+    python tools/convert_megatron_to_hf.py --megatron-dir ckpt/qwen7b \
+        --output-dir qwen7b-rl --hf-config-dir Qwen2.5-Math-7B
+
+Config and tokenizer files come from --hf-config-dir. See --help and
+`megarl.checkpoint.convert`.
 """
 
 import sys
 from pathlib import Path
 
-# Importable from a plain checkout too (tools/ is not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # required: Megatron's checkpointing can start spawn-method helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a plain checkout
+    from megarl.checkpoint.convert import main_megatron_to_hf, run_tool
 
-from megarl.checkpoint.convert import main_megatron_to_hf, run_tool  # noqa: E402
-
-if __name__ == "__main__":
     sys.exit(run_tool(main_megatron_to_hf))

@@ -24,7 +24,6 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
 from megarl.checkpoint import megatron_layout as layout
@@ -36,6 +35,7 @@ from megarl.checkpoint.hf_io import HFCheckpoint, ShardedSafetensorsWriter
 from megarl.checkpoint.manifest import (
     read_manifest, shape_differences, shape_from_manifest, write_manifest,
 )
+from megarl.checkpoint.model_io import open_hf_checkpoint
 from megarl.checkpoint.output import check_output, staged_output
 from megarl.checkpoint.transforms import Dims
 from megarl.config import ParallelConfig
@@ -104,10 +104,7 @@ def hf_to_megatron(
     check_output(output_dir, overwrite)
     shape, config = shape_from_hf_dir(hf_dir)
     check_topology(ParallelConfig(tp=tp, pp=pp), tp * pp, shape, vocab_divisible_by)
-    adapter = adapter_for(shape.family)
-    checkpoint = HFCheckpoint(hf_dir)
-    adapter.check_hf_tensors({n: i.shape for n, i in checkpoint.tensors.items()}, shape,
-                             str(hf_dir))
+    adapter, checkpoint = open_hf_checkpoint(hf_dir, shape)
     dims = Dims(shape, padded_vocab_size(shape.vocab_size, tp, vocab_divisible_by))
     work = units(list(adapter.rules(shape)))
     with process_group():

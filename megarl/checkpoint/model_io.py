@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from megarl.checkpoint import megatron_layout as layout
-from megarl.checkpoint.adapters import adapter_for
+from megarl.checkpoint.adapters import DenseDecoderAdapter, adapter_for
 from megarl.checkpoint.dist_io import in_process_strategy, stored_object_keys, stored_tensors
 from megarl.checkpoint.hf_io import HFCheckpoint
 from megarl.checkpoint.manifest import shape_differences, write_manifest
@@ -58,6 +58,17 @@ def padded_vocab_of(chunks: Sequence[torch.nn.Module]) -> int:
     return int(layout.unwrap(chunks[0]).vocab_size)
 
 
+def open_hf_checkpoint(hf_dir: str | Path,
+                       shape: ModelShape) -> tuple[DenseDecoderAdapter, HFCheckpoint]:
+    """The family's adapter and the indexed safetensors of `hf_dir`, checked to hold exactly
+    the tensors a model of `shape` needs (before any tensor is read)."""
+    adapter = adapter_for(shape.family)
+    checkpoint = HFCheckpoint(hf_dir)
+    adapter.check_hf_tensors({n: i.shape for n, i in checkpoint.tensors.items()}, shape,
+                             str(hf_dir))
+    return adapter, checkpoint
+
+
 def load_hf_into_model(
     chunks: Sequence[torch.nn.Module], hf_dir: str | Path, ctx: ParallelContext,
     shape: Optional[ModelShape] = None,
@@ -71,10 +82,7 @@ def load_hf_into_model(
     if shape is not None and shape != hf_shape:
         raise ValueError(f"{hf_dir}/config.json does not describe the model that was built: "
                          + "; ".join(shape_differences(hf_shape, shape)))
-    adapter = adapter_for(hf_shape.family)
-    checkpoint = HFCheckpoint(hf_dir)
-    adapter.check_hf_tensors({n: i.shape for n, i in checkpoint.tensors.items()}, hf_shape,
-                             str(hf_dir))
+    adapter, checkpoint = open_hf_checkpoint(hf_dir, hf_shape)
     dims = Dims(hf_shape, padded_vocab_of(chunks))
     with torch.no_grad():
         for name, param in canonical_parameters(chunks, hf_shape):
