@@ -11,11 +11,13 @@ from .errors import check_choice, check_non_negative, check_positive, check_rang
 @dataclass(kw_only=True)
 class SyncConfig:
     transport: str = "broadcast"
-    """broadcast: a torch.distributed group between trainer rank 0 and the servers (NCCL on GPU,
-    gloo on CPU); colocated: CUDA tensors handed to servers on the same GPUs."""
+    """broadcast: a torch.distributed group between trainer global rank 0 (the only trainer
+    rank in it) and the servers (NCCL on GPU, gloo on CPU); colocated: CUDA tensors handed to
+    servers on the same GPUs."""
 
     bucket_mb: float = 512.0
-    """Size of one broadcast bucket; tensors are packed into buckets up to this size."""
+    """Size of one bucket: the tensors announced by one /update_weights_from_distributed call
+    (and, with flattened_buckets, packed into one broadcast)."""
 
     verify: bool = False
     """After each sync, compare checksums of every server's weights with the trainer's."""
@@ -32,9 +34,11 @@ class SyncConfig:
     (in-flight requests end with finish_reason abort), retract (they are requeued and resumed
     with the new weights) or in_place (they wait with their KV cache)."""
 
-    flattened_buckets: bool = True
-    """One broadcast per bucket (SGLang's load_format=flattened_bucket); false sends one
-    broadcast per tensor, for servers that do not support flattened buckets."""
+    flattened_buckets: bool = False
+    """false: one broadcast per tensor, straight from the trainer's tensors (no copy; a bucket
+    is then one announcement). true: one broadcast per bucket with the tensors packed back to
+    back (SGLang's load_format=flattened_bucket): fewer collectives for models of many small
+    tensors, at the price of a packing copy on each side."""
 
     timeout_s: float = 600.0
     """Deadline of one weight update."""

@@ -45,6 +45,8 @@ class WeightReceiver:
         self.params: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
         self.groups: dict[str, Any] = {}
         self.session_open = False
+        # the receive buffer of flattened buckets, kept between calls (allocation is slow)
+        self._flat: Optional[torch.Tensor] = None
 
     def init_group(self, *, master_address: str, master_port: int, rank_offset: int,
                    world_size: int, group_name: str, backend: str, timeout_s: float) -> str:
@@ -91,13 +93,29 @@ class WeightReceiver:
                                     f"({len(names)}, {len(dtypes)}, {len(shapes)})")
         torch_dtypes = [resolve_dtype(d) for d in dtypes]
         if load_format == "flattened_bucket":
-            received = _receive_flattened(names, torch_dtypes, shapes, group)
+            self._flat = _grown(self._flat, _flat_size(names, torch_dtypes, shapes))
+            received = _receive_flattened(names, torch_dtypes, shapes, group, self._flat)
+            self._load(received)
         elif load_format is None:
-            received = _receive_each(names, torch_dtypes, shapes, group)
+            with self.engine.exclusive():
+                received = _receive_each(names, torch_dtypes, shapes, group, self._targets)
+            self._load([(n, t) for n, t in received if t.data_ptr() != self._target_ptr(n, t)])
         else:
             raise WeightUpdateError(f"load_format {load_format!r} not supported by the dev server")
-        self._load(received)
         return f"loaded {len(received)} tensors"
+
+    def _targets(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Where a tensor of a per-tensor broadcast lands: straight in the parameter when it
+        fits exactly (no copy), else a scratch tensor that `_load` checks and copies."""
+        param = self.params.get(name)
+        if (param is not None and param.dtype == dtype and tuple(param.shape) == shape
+                and param.is_contiguous()):
+            return param.data
+        return torch.empty(shape, dtype=dtype)
+
+    def _target_ptr(self, name: str, tensor: torch.Tensor) -> int:
+        param = self.params.get(name)
+        return -1 if param is None else param.data_ptr()
 
     def _load(self, received: list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in received:
@@ -135,7 +153,18 @@ def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _receive_flattened(names, dtypes, shapes, group) -> list[tuple[str, torch.Tensor]]:
+def _flat_size(names, dtypes, shapes) -> int:
+    return sum(torch.Size(_check_shape(n, s)).numel() * d.itemsize
+               for n, d, s in zip(names, dtypes, shapes))
+
+
+def _grown(buffer: Optional[torch.Tensor], size: int) -> torch.Tensor:
+    if buffer is None or buffer.numel() < size:
+        return torch.empty(size, dtype=torch.uint8)
+    return buffer
+
+
+def _receive_flattened(names, dtypes, shapes, group, buffer) -> list[tuple[str, torch.Tensor]]:
     layout, offset = [], 0
     for name, dtype, shape in zip(names, dtypes, shapes):
         shape = _check_shape(name, shape)
@@ -146,14 +175,14 @@ def _receive_flattened(names, dtypes, shapes, group) -> list[tuple[str, torch.Te
         offset += size
     if not layout:
         raise WeightUpdateError("empty bucket")
-    flat = torch.empty(offset, dtype=torch.uint8)
+    flat = buffer[:offset]
     dist.broadcast(flat, group_src=0, group=group)
     return [(name, flat[start:start + size].view(dtype).reshape(shape))
             for name, dtype, shape, start, size in layout]
 
 
-def _receive_each(names, dtypes, shapes, group) -> list[tuple[str, torch.Tensor]]:
-    tensors = [(n, torch.empty(_check_shape(n, s), dtype=d)) for n, d, s in zip(names, dtypes, shapes)]
+def _receive_each(names, dtypes, shapes, group, target) -> list[tuple[str, torch.Tensor]]:
+    tensors = [(n, target(n, d, _check_shape(n, s))) for n, d, s in zip(names, dtypes, shapes)]
     works = [dist.broadcast(t, group_src=0, group=group, async_op=True) for _, t in tensors]
     for work in works:
         work.wait()

@@ -106,7 +106,7 @@ def generate_payload(input_ids: Sequence[int], sampling: SamplingParams, *,
                      request_id: Optional[str] = None) -> dict[str, Any]:
     """A GenerateReqInput for one prompt given as token ids, with per-token log-probs."""
     payload: dict[str, Any] = {
-        "input_ids": [int(t) for t in input_ids],
+        "input_ids": list(map(int, input_ids)),
         "sampling_params": sampling.to_payload(),
         "return_logprob": True,
         "stream": False,
@@ -220,9 +220,9 @@ def parse_generate_reply(body: Any, *, endpoint: str = "/generate") -> Response:
     """
     output_ids = _require(body, "output_ids", (list,), endpoint)
     meta = _require(body, "meta_info", (dict,), endpoint)
-    for i, token in enumerate(output_ids):
-        if not isinstance(token, int) or isinstance(token, bool):
-            raise ServerReplyError(endpoint, f"output_ids[{i}]", f"expected int, got {token!r}")
+    if not all(type(token) is int for token in output_ids):
+        i, token = next((i, t) for i, t in enumerate(output_ids) if type(t) is not int)
+        raise ServerReplyError(endpoint, f"output_ids[{i}]", f"expected int, got {token!r}")
     finish_reason = parse_finish_reason(meta.get("finish_reason"), endpoint)
     logprobs = _parse_logprobs(meta, output_ids, endpoint, required=finish_reason != "abort")
     text = body.get("text") or ""
@@ -248,7 +248,15 @@ def _parse_logprobs(meta: dict, output_ids: list[int], endpoint: str, *, require
     if len(entries) != len(output_ids):
         raise ServerReplyError(endpoint, key, f"has {len(entries)} entries for "
                                               f"{len(output_ids)} output_ids")
-    logprobs = []
+    # fast path for well-formed replies (thousands per step); the slow path names the fault
+    try:
+        values = [v for v, _token, _text in entries]
+        tokens = [token for _v, token, _text in entries]
+    except (TypeError, ValueError):
+        values, tokens = [], None
+    if (tokens == output_ids and all(type(v) is float or type(v) is int for v in values)
+            and not any(v != v for v in values)):  # v != v: NaN
+        return [float(v) for v in values]
     for i, entry in enumerate(entries):
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ServerReplyError(endpoint, f"{key}[{i}]",
@@ -259,8 +267,7 @@ def _parse_logprobs(meta: dict, output_ids: list[int], endpoint: str, *, require
         if token != output_ids[i]:
             raise ServerReplyError(endpoint, f"{key}[{i}][1]",
                                    f"token id {token!r} differs from output_ids[{i}]={output_ids[i]}")
-        logprobs.append(float(value))
-    return logprobs
+    raise AssertionError("unreachable: the fast path rejected a valid reply")
 
 
 def parse_success_reply(body: Any, endpoint: str) -> str:

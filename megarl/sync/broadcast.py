@@ -48,7 +48,7 @@ class BroadcastWeightSync(WeightSync):
     def __init__(self, server_urls: Sequence[str], *, bucket_mb: float = 512.0,
                  timeout_s: float = 600.0, group_port: int = 0,
                  master_address: Optional[str] = None, pause_mode: str = "abort",
-                 flattened: bool = True, verify: bool = False,
+                 flattened: bool = False, verify: bool = False,
                  backend: Optional[str] = None) -> None:
         self.server_urls = [u.rstrip("/") for u in server_urls]
         self.bucket_bytes = int(bucket_mb * 2**20)
@@ -61,6 +61,7 @@ class BroadcastWeightSync(WeightSync):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group: Any = None
         self.infos: list[dict] = []
+        self._buffer: Optional[torch.Tensor] = None  # flattened buckets: reused every update
         self._loop: Optional[EventLoopThread] = None
         self.admin: Optional[ServerAdmin] = None
 
@@ -130,12 +131,7 @@ class BroadcastWeightSync(WeightSync):
         self.admin.pause(self.pause_mode)
         try:
             self.admin.begin_weight_update()
-            for bucket in iter_buckets(_recording(named_tensors, fingerprints), self.bucket_bytes,
-                                       flattened=self.flattened):
-                self._send(bucket, stats.num_buckets)
-                stats.num_buckets += 1
-                stats.num_tensors += len(bucket)
-                stats.num_bytes += bucket.nbytes
+            self._send_all(_recording(named_tensors, fingerprints), stats)
             stats.timings["transfer"] = time.perf_counter() - start
             self.admin.end_weight_update()
             self.admin.flush_cache()
@@ -154,20 +150,60 @@ class BroadcastWeightSync(WeightSync):
                     stats.seconds, stats.gbytes_per_s)
         return stats
 
-    def _send(self, bucket: Bucket, index: int) -> None:
+    def _send_all(self, named_tensors: NamedTensors, stats: SyncStats) -> None:
+        """Announce and broadcast every bucket. A bucket's reply (the server has loaded it) is
+        collected after the next bucket went out, so that packing the next bucket overlaps
+        with the servers loading the previous one; the servers take buckets in order."""
+        timings = {"pack": 0.0, "broadcast": 0.0, "reply": 0.0}
+        previous: Optional[tuple[list, str]] = None
+        if self.flattened and self._buffer is None:
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if self.backend == "nccl" else torch.device("cpu"))
+            self._buffer = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=device)
+        buckets = iter_buckets(named_tensors, self.bucket_bytes, flattened=self.flattened,
+                               buffer=self._buffer)
+        while True:
+            mark = time.perf_counter()
+            bucket = next(buckets, None)
+            timings["pack"] += time.perf_counter() - mark
+            if bucket is None:
+                break
+            what = f"bucket {stats.num_buckets} ({len(bucket)} tensors, first {bucket.names[0]})"
+            mark = time.perf_counter()
+            futures = self._broadcast(bucket, what, previous)
+            timings["broadcast"] += time.perf_counter() - mark
+            if previous is not None:
+                mark = time.perf_counter()
+                self._collect(*previous)
+                timings["reply"] += time.perf_counter() - mark
+            previous = (futures, what)
+            stats.num_buckets += 1
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += bucket.nbytes
+        if previous is not None:
+            mark = time.perf_counter()
+            self._collect(*previous)
+            timings["reply"] += time.perf_counter() - mark
+        stats.timings.update(timings)
+
+    def _broadcast(self, bucket: Bucket, what: str, previous: Optional[tuple[list, str]]) -> list:
+        """Post the announcement to every server and broadcast the bucket; returns the calls."""
         payload = P.update_weights_from_distributed_payload(
             names=bucket.names, dtypes=bucket.dtypes, shapes=bucket.shapes,
             flattened=self.flattened)
         futures = self.admin.submit_all("/update_weights_from_distributed", payload)
         tensors = [bucket.flat] if self.flattened else bucket.tensors
-        what = f"bucket {index} ({len(bucket)} tensors, first {bucket.names[0]})"
         works = [dist.broadcast(t, group_src=0, group=self.group, async_op=True) for t in tensors]
-        _wait_watching(lambda: all(w.is_completed() for w in works), futures, self.timeout_s,
+        watched = futures + (previous[0] if previous is not None else [])
+        _wait_watching(lambda: all(w.is_completed() for w in works), watched, self.timeout_s,
                        what=what)
         for work in works:
             work.wait()  # surfaces a failed broadcast as an exception
+        return futures
+
+    def _collect(self, futures: list, what: str) -> None:
         raise_failures(f"/update_weights_from_distributed of {what}", self.server_urls,
-                       [_outcome(f) for f in futures])
+                       [_outcome(f, self.timeout_s) for f in futures])
 
 
 def _recording(named_tensors: NamedTensors, fingerprints: Optional[Fingerprints]) -> NamedTensors:
@@ -177,9 +213,9 @@ def _recording(named_tensors: NamedTensors, fingerprints: Optional[Fingerprints]
         yield name, tensor
 
 
-def _outcome(future: concurrent.futures.Future) -> Any:
+def _outcome(future: concurrent.futures.Future, timeout_s: Optional[float] = None) -> Any:
     try:
-        return future.result()
+        return future.result(timeout_s)
     except Exception as exc:  # noqa: BLE001 - reported per server by raise_failures
         return exc
 

@@ -50,11 +50,16 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *,
-                 flattened: bool = True) -> Iterator[Bucket]:
-    """Group the stream into buckets of at most `bucket_bytes` (see the module docstring)."""
+                 flattened: bool = True,
+                 buffer: Optional[torch.Tensor] = None) -> Iterator[Bucket]:
+    """Group the stream into buckets of at most `bucket_bytes` (see the module docstring).
+
+    buffer: a uint8 tensor of at least `bucket_bytes` to pack into, kept by the caller between
+    calls (a fresh one is allocated otherwise, and its first touch is slow)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buffer: Optional[torch.Tensor] = None
+    if buffer is not None and buffer.numel() < bucket_bytes:
+        raise ValueError(f"buffer of {buffer.numel()} bytes is smaller than a bucket")
     bucket = Bucket()
     for name, tensor in named_tensors:
         if not isinstance(tensor, torch.Tensor):
@@ -64,7 +69,8 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
             tensor = tensor.contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         misaligned = flattened and bucket.nbytes % tensor.element_size() != 0
-        if len(bucket) and (bucket.nbytes + nbytes > bucket_bytes or misaligned):
+        moved = flattened and buffer is not None and buffer.device != tensor.device
+        if len(bucket) and (bucket.nbytes + nbytes > bucket_bytes or misaligned or moved):
             yield _finish(bucket, buffer, flattened)
             bucket = Bucket()
         if nbytes >= bucket_bytes:  # travels alone, without a copy
