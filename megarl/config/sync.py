@@ -31,8 +31,9 @@ class SyncConfig:
 
     pause_mode: str = "abort"
     """How generation is paused around an update (SGLang's pause_generation modes): abort
-    (in-flight requests end with finish_reason abort), retract (they are requeued and resumed
-    with the new weights) or in_place (they wait with their KV cache)."""
+    (in-flight requests end with finish_reason abort and the client retries them), retract
+    (they are requeued and resumed with the new weights) or in_place (they wait with their KV
+    cache; the prefix cache is then not flushed, so cached prefixes keep old-weight KV)."""
 
     flattened_buckets: bool = False
     """false: one broadcast per tensor, straight from the trainer's tensors (no copy; a bucket

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .protocol import SamplingParams as Sampling
+
 SUPPORTED_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop",
                            "stop_token_ids", "ignore_eos", "sampling_seed")
 _GATHER_S = 0.005  # how long the worker waits for more requests once one has arrived
@@ -38,18 +40,6 @@ _GATHER_S = 0.005  # how long the worker waits for more requests once one has ar
 
 class RequestError(ValueError):
     """A /generate request the engine cannot serve; the server answers 400 with this text."""
-
-
-@dataclass(kw_only=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    seed: Optional[int] = None
 
 
 def parse_sampling(params: Any) -> Sampling:
@@ -62,22 +52,17 @@ def parse_sampling(params: Any) -> Sampling:
     if unknown:
         raise RequestError(f"sampling_params: {', '.join(unknown)} not supported by the dev "
                            f"server (supported: {', '.join(SUPPORTED_SAMPLING_KEYS)})")
-    s = Sampling()
+    given = {k: v for k, v in params.items() if v is not None}
+    stop = given.get("stop", ())
     try:
-        if params.get("temperature") is not None:
-            s.temperature = float(params["temperature"])
-        if params.get("top_p") is not None:
-            s.top_p = float(params["top_p"])
-        if params.get("top_k") is not None:
-            s.top_k = int(params["top_k"])
-        if params.get("max_new_tokens") is not None:
-            s.max_new_tokens = int(params["max_new_tokens"])
-        stop = params.get("stop") or ()
-        s.stop = (stop,) if isinstance(stop, str) else tuple(str(x) for x in stop)
-        s.stop_token_ids = tuple(int(t) for t in params.get("stop_token_ids") or ())
-        s.ignore_eos = bool(params.get("ignore_eos", False))
-        if params.get("sampling_seed") is not None:
-            s.seed = int(params["sampling_seed"])
+        s = Sampling(
+            temperature=float(given.get("temperature", 1.0)),
+            top_p=float(given.get("top_p", 1.0)), top_k=int(given.get("top_k", -1)),
+            max_new_tokens=int(given.get("max_new_tokens", 128)),
+            stop=(stop,) if isinstance(stop, str) else tuple(str(x) for x in stop),
+            stop_token_ids=tuple(int(t) for t in given.get("stop_token_ids", ())),
+            ignore_eos=bool(given.get("ignore_eos", False)),
+            seed=int(given["sampling_seed"]) if "sampling_seed" in given else None)
     except (TypeError, ValueError) as exc:
         raise RequestError(f"sampling_params: {exc}") from None
     if s.temperature < 0 or not 0 < s.top_p <= 1 or s.max_new_tokens < 0:

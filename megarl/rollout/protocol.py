@@ -49,6 +49,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: Optional[int] = None
     """Per-request sampling seed (SGLang's sampling_seed); None lets the server choose."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (until a stop or max_new_tokens)."""
 
     @classmethod
     def from_config(cls, rollout: Any) -> "SamplingParams":
@@ -70,6 +72,8 @@ class SamplingParams:
             params["stop_token_ids"] = [int(t) for t in self.stop_token_ids]
         if self.seed is not None:
             params["sampling_seed"] = int(self.seed)
+        if self.ignore_eos:
+            params["ignore_eos"] = True
         return params
 
 

@@ -134,7 +134,8 @@ class BroadcastWeightSync(WeightSync):
             self._send_all(_recording(named_tensors, fingerprints), stats)
             stats.timings["transfer"] = time.perf_counter() - start
             self.admin.end_weight_update()
-            self.admin.flush_cache()
+            if self.pause_mode != "in_place":  # in_place keeps its KV cache by design
+                self.admin.flush_cache()
             self.admin.set_weight_version(stats.version)
         finally:
             try:

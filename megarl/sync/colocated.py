@@ -124,7 +124,8 @@ class ColocatedWeightSync(WeightSync):
             self.admin.end_weight_update()
             if self.released:
                 self._resume(list(RESIDENT_AFTER_WEIGHTS))
-            self.admin.flush_cache()
+            if self.pause_mode != "in_place":  # in_place keeps its KV cache by design
+                self.admin.flush_cache()
             self.admin.set_weight_version(stats.version)
             self.admin.resume()
         self.released = False
