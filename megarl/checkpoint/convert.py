@@ -42,6 +42,7 @@ from megarl.config import ParallelConfig
 from megarl.metrics.progress import Progress
 from megarl.models.hf import load_hf_config, shape_from_hf_config, shape_from_hf_dir
 from megarl.models.shape import ModelShape
+from megarl.parallel.groups import launch_env
 from megarl.parallel.topology import check_topology, padded_vocab_size
 
 # Files of an HF directory that hold weights; everything else (config, tokenizer, chat
@@ -75,8 +76,6 @@ def process_group() -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    from megarl.parallel.groups import launch_env
-
     env = launch_env()
     if env.world_size == 1:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -244,7 +243,7 @@ def main_hf_to_megatron(argv: Optional[Sequence[str]] = None) -> int:
     hf_to_megatron(args.hf_dir, args.output_dir, tp=args.tp, pp=args.pp,
                    vocab_divisible_by=args.make_vocab_size_divisible_by,
                    overwrite=args.overwrite, progress=args.progress)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if launch_env().rank == 0:
         print(f"wrote {args.output_dir}")
     return 0
 

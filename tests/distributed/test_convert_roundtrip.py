@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -158,3 +160,23 @@ def test_failed_conversion_leaves_nothing(models):
     [error] = run_distributed(_fail_half_way, 1, args=(hf_dir, hf_dir.parent / "broken"))
     assert error == "disk full (simulated)"
     assert sorted(os.listdir(hf_dir.parent)) == before
+
+
+def test_megatron_to_hf_refuses_a_config_of_another_model(models, converted, tmp_path):
+    from megarl.checkpoint.convert import megatron_to_hf
+    from megarl.checkpoint.manifest import MANIFEST
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    config = json.loads((models["qwen3"][0] / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="does not describe the model in .*num_layers: 4 != 3"):
+        megatron_to_hf(converted["qwen3"], tmp_path / "out", wrong)
+    # Without megarl's manifest the stored tensors themselves are checked.
+    bare = tmp_path / "bare"
+    shutil.copytree(converted["qwen3"], bare)
+    (bare / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"does not match the config: .* has shape \(4, .*"
+                       r"the config implies \(3, "):
+        megatron_to_hf(bare, tmp_path / "out", wrong)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "wrong"]

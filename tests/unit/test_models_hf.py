@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from megarl.config import ConfigError, ParallelConfig
 from megarl.models.hf import load_hf_config, shape_from_hf_config, shape_from_hf_dir
 from megarl.models.shape import ModelShape, RopeScaling
 from megarl.models.tiny import tiny_config
+from megarl.parallel.topology import check_topology
 
 
 def test_qwen2_has_qkv_bias_and_derived_head_dim():
@@ -101,3 +103,45 @@ def test_hand_written_shapes_are_checked_for_megatron_rope_limits():
     ModelShape(**common, rope_scaling=RopeScaling(factor=32.0))  # Llama 3.2: any factor is fine
     with pytest.raises(ValueError, match="high_freq_factor=2.0"):
         ModelShape(**common, rope_scaling=RopeScaling(factor=8.0, high_freq_factor=2.0))
+
+
+# config.json of the target checkpoints (transformers < 5 dialect), as published.
+REAL = {
+    "Qwen2.5-Math-7B": (dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=10000.0,
+        max_position_embeddings=4096, sliding_window=4096, use_sliding_window=False,
+        max_window_layers=28, tie_word_embeddings=False, rms_norm_eps=1e-6, hidden_act="silu",
+        rope_scaling=None), 7.62e9),
+    "Qwen2.5-32B": (dict(
+        model_type="qwen2", hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, rope_theta=1e6,
+        max_position_embeddings=32768, use_sliding_window=False, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, hidden_act="silu"), 32.76e9),
+    "Qwen3-32B": (dict(
+        model_type="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rope_theta=1000000, max_position_embeddings=40960, attention_bias=False,
+        use_sliding_window=False, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        hidden_act="silu", rope_scaling=None), 32.76e9),
+    "Llama-3.1-8B": (dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        max_position_embeddings=131072, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, hidden_act="silu"), 8.03e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_target_checkpoints_parse_to_their_published_size(name):
+    config, params = REAL[name]
+    shape = shape_from_hf_config(config, where=name)
+    assert abs(shape.num_parameters - params) / params < 0.005
+    check_topology(ParallelConfig(tp=4, pp=4), 16, shape)
+    if shape.num_query_groups < 8:  # Qwen2.5-Math-7B: 28 heads, 4 KV heads; TP=8 cannot split
+        with pytest.raises(ConfigError, match="parallel.tp: 8 does not divide the 28"):
+            check_topology(ParallelConfig(tp=8), 8, shape)
+    else:
+        check_topology(ParallelConfig(tp=8, pp=2), 16, shape)
