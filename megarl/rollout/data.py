@@ -1,6 +1,7 @@
 """Prompt datasets: reading, checking, rendering and an exactly resumable sampling cursor.
 
-`PromptDataset` reads `.jsonl`/`.json` (one JSON object per line) and `.parquet` files, takes
+`PromptDataset` reads `.jsonl` (one JSON object per line), `.json` (the same, or one JSON array
+of objects; rows are then numbered instead of lines) and `.parquet` files, takes
 the prompt from `data.prompt_key` (a string, or a list of {"role", "content"} messages) and the
 reference answer from `data.answer_key` (a string or a number), applies `data.prompt_template`
 and `data.system_prompt`, renders the tokenizer's chat template (with the generation prompt),
@@ -56,6 +57,14 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any, Optional[str]]]:
         import pyarrow.parquet as pq
 
         for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row, None
+        return
+    if path.suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DatasetError(f"{path}: not a valid JSON array ({exc})") from None
+        for i, row in enumerate(rows, start=1):  # "line" is the row number here
             yield i, row, None
         return
     with open(path, "rb") as f:

@@ -10,6 +10,7 @@ trainer's bit for bit, and greedy generation through the router must match the t
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -120,6 +121,35 @@ def test_trainer_syncs_weights_by_broadcast_bit_for_bit(stack):
     assert after.weight_version == "step-2"
     assert {info["weight_version"] for info in admin.server_info()} == {"step-2"}
     assert not any(info["paused"] for info in admin.server_info())
+
+
+def test_a_sync_during_generation_aborts_and_the_client_retries_on_new_weights(stack):
+    """pause_mode=abort: requests in flight end as aborted, the client retries them, and they
+    run once generation continues, on the new weights."""
+    import threading
+
+    from megarl.sync import BroadcastWeightSync
+
+    client, admin = stack["client"], stack["admin"]
+    retries_before = client.stats.num_retries
+    result: dict = {}
+    long = SamplingParams(temperature=1.0, max_new_tokens=300, stop_token_ids=())
+    thread = threading.Thread(target=lambda: result.update(
+        responses=client.generate_batch([PROMPT] * 8, long)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not all(i["num_requests_running"] for i in admin.server_info()):
+        assert time.monotonic() < deadline, "generation never started on both servers"
+        time.sleep(0.01)
+    sync = BroadcastWeightSync(stack["servers"].server_urls, bucket_mb=0.05, timeout_s=60)
+    sync.connect()
+    sync.update(updated_model(str(stack["model"]), 3).state_dict().items(), version="step-3")
+    sync.close()
+    thread.join(60)
+    responses = result["responses"]
+    assert len(responses) == 8 and client.stats.num_retries > retries_before
+    retried = [r for r in responses if r.num_attempts > 1]
+    assert retried and all(r.weight_version == "step-3" for r in retried)
 
 
 def test_collect_rollout_batch_with_data_rewards_and_dynamic_sampling(stack, tmp_path):

@@ -46,6 +46,17 @@ def test_jsonl_and_parquet_with_custom_keys_and_templates(tmp_path, tokenizer):
     assert first.source == f"{jsonl}:1" and data[2].source == f"{parquet}:1"
 
 
+def test_json_arrays(tmp_path, tokenizer):
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([{"prompt": "a", "answer": "1"}, {"prompt": "b"}]))
+    data = PromptDataset([path], tokenizer)
+    assert len(data) == 1 and data.stats.reported == [f"{path}:2: missing key 'answer' (keys: prompt)"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a"')
+    with pytest.raises(DatasetError, match="broken.json: not a valid JSON array"):
+        PromptDataset([broken], tokenizer)
+
+
 def test_chat_message_prompts_and_plain_text(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [
         {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
