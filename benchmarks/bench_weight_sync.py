@@ -173,7 +173,8 @@ def main() -> None:
                      "peak_extra_MiB": max(m["extra"][mode]) / 2**20, "pack_s": phases["pack"],
                      "broadcast_s": phases["broadcast"], "reply_s": phases["reply"]})
     common.print_table(rows, f"weight sync, {total / 2**30:.2f} GiB, {len(sizes)} buckets of "
-                             f"<= {args.bucket_mb:g} MiB, median of {args.rounds}")
+                             f"<= {args.bucket_mb:g} MiB, median of {args.rounds} "
+                             f"(pack/broadcast/reply: the last round's split)")
     target_extra = bucket_bytes + largest
     print(f"\ntargets: throughput ratio >= 0.7; peak extra memory <= bucket + largest tensor = "
           f"{target_extra / 2**20:.0f} MiB")

@@ -11,6 +11,8 @@ What the trainer (global rank 0) calls, in order:
     ... each step: batch = collect_rollout_batch(client=client, sampler=sampler, scorer=scorer,
                                                  tokenizer=tokenizer, rollout=cfg.rollout,
                                                  algorithm=cfg.algorithm)
+                   servers.report_unhealthy()  # the router hides failed servers from the client
+                   then megarl.sync's weight update (see megarl/sync/__init__.py)
     ... checkpoints save sampler.state_dict() and restore it with sampler.load_state_dict()
     scorer.close(); client.close(); servers.stop()
 

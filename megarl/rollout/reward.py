@@ -12,7 +12,8 @@ non-number or kills its worker scores 0 too. Both are counted (`RewardResult.num
   returning a real number.
 
 Workers start from a fork server that has math-verify imported already, so replacing a killed
-worker is cheap.
+worker is cheap. As with every multiprocessing start method but fork, a script that scores
+rewards needs an `if __name__ == "__main__":` guard (workers import the main module).
 """
 
 from __future__ import annotations
