@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megarl.checkpoint import megatron_layout as layout
 from megarl.checkpoint.adapters import EMBEDDING, DenseDecoderAdapter, adapter_for
 from megarl.checkpoint.dist_io import (
-    StreamingCheckpointWriter, extra_state_objects, read_tensors, sharded_tensor, stored_tensors,
+    StreamingCheckpointWriter, extra_state_objects, read_tensors, sharded_tensors, stored_tensors,
 )
 from megarl.checkpoint.hf_io import HFCheckpoint, ShardedSafetensorsWriter
 from megarl.checkpoint.manifest import (
@@ -133,7 +133,7 @@ def _unit_state(names: list[str], adapter: DenseDecoderAdapter, checkpoint: HFCh
     layers = dims.shape.num_layers
     for name in names:
         full = adapter.from_hf(name, checkpoint.read, dims)
-        state[name] = sharded_tensor(name, full, layers)
+        state.update(sharded_tensors(name, full, layers))
     found = {layout.checkpoint_key(n)[1] for n in names} - {None}
     for layer in found:
         state.update(extra_state_objects(layer, layers))

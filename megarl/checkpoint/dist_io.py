@@ -80,17 +80,25 @@ def in_process_strategy(collective: bool = True):
     return InProcessTorchDistSave("torch_dist", 1)
 
 
-def sharded_tensor(name: str, full: torch.Tensor, num_layers: int):
-    """The ShardedTensor that stores the full tensor of canonical parameter `name`."""
+# Tensors outside the layers (embedding, output layer) are stored in this many row blocks when
+# their rows divide evenly: a reader then holds one block, not a second copy of the whole.
+ROW_BLOCKS = 8
+
+
+def sharded_tensors(name: str, full: torch.Tensor, num_layers: int) -> dict:
+    """The ShardedTensors (by state-dict key) that store the full tensor of parameter `name`."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     key, layer = layout.checkpoint_key(name)
     if layer is None:
-        return ShardedTensor.from_rank_offsets(key, full, replica_id=0)
+        blocks = ROW_BLOCKS if full.dim() == 2 and full.shape[0] % ROW_BLOCKS == 0 else 1
+        return {f"{name}.rows{i}": ShardedTensor.from_rank_offsets(
+                    key, block, (0, i, blocks), replica_id=0)
+                for i, block in enumerate(torch.chunk(full, blocks))}
     if not 0 <= layer < num_layers:
         raise ValueError(f"{name}: layer {layer} outside a model of {num_layers} layers")
-    return ShardedTensor.from_rank_offsets(key, full.unsqueeze(0), (0, layer, num_layers),
-                                           replica_id=0)
+    return {name: ShardedTensor.from_rank_offsets(key, full.unsqueeze(0), (0, layer, num_layers),
+                                                  replica_id=0)}
 
 
 def extra_state_objects(layer: int, num_layers: int) -> dict:
