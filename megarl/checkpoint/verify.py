@@ -57,9 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    shape, _ = shape_from_hf_dir(args.hf_dir)
-    _check_manifest(shape, args.hf_dir, args.megatron_dir)
-    prompts = make_prompts(args.hf_dir, args.prompt, shape.vocab_size, args.num_random_tokens)
+    """Exit status 0: within tolerance; 1: past it; 2: the inputs cannot be compared."""
+    try:
+        shape, _ = shape_from_hf_dir(args.hf_dir)
+        _check_manifest(shape, args.hf_dir, args.megatron_dir)
+        prompts = make_prompts(args.hf_dir, args.prompt, shape.vocab_size,
+                               args.num_random_tokens)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     reference = hf_logits(args.hf_dir, prompts, args.dtype)
     ours = run_megatron(args.megatron_dir, prompts, shape, ParallelConfig(tp=args.tp, pp=args.pp),
                         args.dtype)

@@ -110,3 +110,14 @@ def test_verify_conversion_exits_non_zero_past_tolerance(hf_dir, monkeypatch, ca
     args = build_parser(load=["verify-conversion"]).parse_args(argv + ["--atol", "10"])
     assert verify.run(args) == 1
     assert "top-1 agreement: 87.50% (7/8; required 99%)" in capsys.readouterr().out
+
+
+def test_verify_conversion_names_inputs_it_cannot_compare(hf_dir, tmp_path, capsys):
+    from megarl.checkpoint import verify
+    from megarl.cli import build_parser
+
+    (hf_dir.parent / "empty").mkdir()
+    argv = ["verify-conversion", "--hf-dir", str(hf_dir.parent / "empty"), "--megatron-dir", "x"]
+    args = build_parser(load=["verify-conversion"]).parse_args(argv)
+    assert verify.run(args) == 2
+    assert "no config.json" in capsys.readouterr().err
