@@ -96,7 +96,8 @@ class ServerAdmin:
 
 
 def raise_failures(endpoint: str, urls: Sequence[str], results: Sequence[Any]) -> None:
-    failures = [f"{url}: {res}" for url, res in zip(urls, results) if isinstance(res, BaseException)]
+    failures = [f"{url}: {res}" for url, res in zip(urls, results)
+                if isinstance(res, BaseException)]
     if failures:
         raise ServerCallError(f"{endpoint} failed on {len(failures)} of {len(urls)} servers:\n  "
                               + "\n  ".join(failures))

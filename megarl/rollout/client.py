@@ -27,7 +27,8 @@ from typing import Any, Optional, Sequence
 import aiohttp
 
 from .http import EventLoopThread, ServerRejected, ServerUnavailable, new_session, request_json
-from .protocol import Response, SamplingParams, ServerReplyError, generate_payload, parse_generate_reply
+from .protocol import (Response, SamplingParams, ServerReplyError, generate_payload,
+                       parse_generate_reply)
 
 logger = logging.getLogger(__name__)
 

@@ -89,7 +89,8 @@ def _check_row(row: Any, prompt_key: str, answer_key: str) -> Optional[str]:
         for j, msg in enumerate(prompt):
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
                     and isinstance(msg.get("content"), str)):
-                return f"{prompt_key}[{j}]: expected {{'role': str, 'content': str}}, got {msg!r:.60}"
+                return (f"{prompt_key}[{j}]: expected {{'role': str, 'content': str}}, "
+                        f"got {msg!r:.60}")
     elif not isinstance(prompt, str):
         return f"{prompt_key}: expected a string or a list of messages, got {type(prompt).__name__}"
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
@@ -109,7 +110,8 @@ class PromptDataset:
         self.tokenizer = tokenizer
         self.prompt_key, self.answer_key = prompt_key, answer_key
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
-        self.use_chat_template = apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = apply_chat_template and has_template
         self.max_prompt_tokens = max_prompt_tokens
         self.max_reported = max_reported_bad_rows
         self.stats = DatasetStats()
@@ -179,7 +181,8 @@ class PromptDataset:
 
     def tokenize(self, text: str) -> list[int]:
         # a chat template already holds its special tokens; plain text gets the tokenizer's own
-        return list(self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"])
+        encoded = self.tokenizer(text, add_special_tokens=not self.use_chat_template)
+        return list(encoded["input_ids"])
 
 
 class PromptSampler:

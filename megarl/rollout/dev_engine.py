@@ -178,6 +178,10 @@ class DevEngine:
                 self._updating = False
                 self._cond.notify_all()
 
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it stops only with `stop`)."""
+        return self._thread.is_alive()
+
     def load(self) -> int:
         """Requests queued or running."""
         return len(self._running) + self._queue.qsize()

@@ -84,9 +84,10 @@ class DevServer:
             r.add_get(path, self.health)
         r.add_route("POST", "/generate", self.generate)
         r.add_route("PUT", "/generate", self.generate)
-        for path in ("/flush_cache", "/get_weights_by_name", "/dev/weights_checksum"):
-            handler = {"/flush_cache": self.flush_cache, "/get_weights_by_name": self.weights_by_name,
-                       "/dev/weights_checksum": self.weights_checksum}[path]
+        either: dict[str, Callable] = {"/flush_cache": self.flush_cache,
+                                       "/get_weights_by_name": self.weights_by_name,
+                                       "/dev/weights_checksum": self.weights_checksum}
+        for path, handler in either.items():  # GET or POST, as in SGLang
             r.add_get(path, handler, allow_head=False)
             r.add_post(path, handler)
         for path in ("/model_info", "/get_model_info"):
@@ -116,7 +117,7 @@ class DevServer:
     # ------------------------------------------------------------------ generation
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.engine._thread.is_alive() else 503)
+        return web.Response(status=200 if self.engine.alive() else 503)
 
     async def generate(self, request: web.Request) -> web.Response:
         try:
@@ -233,10 +234,11 @@ class DevServer:
             })
         except BadRequest as exc:
             return _error(400, str(exc))
-        return await self._weights_call("/init_weights_update_group", lambda: self.receiver.init_group(
-            master_address=b["master_address"], master_port=b["master_port"],
-            rank_offset=b["rank_offset"], world_size=b["world_size"],
-            group_name=b["group_name"], backend=b["backend"], timeout_s=self.group_timeout_s))
+        return await self._weights_call(
+            "/init_weights_update_group", lambda: self.receiver.init_group(
+                master_address=b["master_address"], master_port=b["master_port"],
+                rank_offset=b["rank_offset"], world_size=b["world_size"],
+                group_name=b["group_name"], backend=b["backend"], timeout_s=self.group_timeout_s))
 
     async def destroy_group(self, request: web.Request) -> web.Response:
         try:

@@ -240,7 +240,8 @@ def parse_generate_reply(body: Any, *, endpoint: str = "/generate") -> Response:
     )
 
 
-def _parse_logprobs(meta: dict, output_ids: list[int], endpoint: str, *, required: bool) -> list[float]:
+def _parse_logprobs(meta: dict, output_ids: list[int], endpoint: str, *,
+                    required: bool) -> list[float]:
     key = "meta_info.output_token_logprobs"
     entries = meta.get("output_token_logprobs")
     if entries is None:
@@ -270,7 +271,8 @@ def _parse_logprobs(meta: dict, output_ids: list[int], endpoint: str, *, require
             raise ServerReplyError(endpoint, f"{key}[{i}][0]", f"not a log-prob: {value!r}")
         if token != output_ids[i]:
             raise ServerReplyError(endpoint, f"{key}[{i}][1]",
-                                   f"token id {token!r} differs from output_ids[{i}]={output_ids[i]}")
+                                   f"token id {token!r} differs from "
+                                   f"output_ids[{i}]={output_ids[i]}")
     raise AssertionError("unreachable: the fast path rejected a valid reply")
 
 

@@ -104,7 +104,8 @@ def _worker_main(conn: Connection, spec: str, options: dict) -> None:
         try:
             conn.send((index, True, _check_value(fn(response, answer, **options))))
         except Exception as exc:  # noqa: BLE001 - every failure is a scored 0, reported upstream
-            conn.send((index, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+            trace = traceback.format_exc(limit=3)
+            conn.send((index, False, f"{type(exc).__name__}: {exc}\n{trace}"))
 
 
 def _receive(conn: Connection) -> Optional[tuple]:

@@ -90,10 +90,18 @@ def router_command(*, worker_urls: Sequence[str], host: str, port: int, policy: 
     return [sys.executable, "-m", "sglang_router.launch_router", *flags_from_dict(args)]
 
 
+_TRAINER_DIST_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_WORLD_SIZE", "ROLE_NAME"}
+
+
 def importable_env() -> dict[str, str]:
     """This environment, with megarl importable by a child started from any directory."""
     root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
+    # A server started by trainer rank 0 must not see the trainer job's torch.distributed
+    # settings (torchrun's agent store, ranks, master address): it is not one of its ranks.
+    env = {k: v for k, v in os.environ.items()
+           if k not in _TRAINER_DIST_VARS and not k.startswith("TORCHELASTIC_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
@@ -195,7 +203,8 @@ def wait_healthy(url: str, *, deadline: float, process: Optional[ManagedProcess]
                 f"{what} {url} exited with code {process.exit_code()} before becoming healthy; "
                 f"log {process.log_path}:\n{process.log_tail()}")
         try:
-            status, body = http_get(url + path, timeout_s=min(5.0, max(0.5, deadline - time.monotonic())))
+            wait_s = min(5.0, max(0.5, deadline - time.monotonic()))
+            status, body = http_get(url + path, timeout_s=wait_s)
             if status == 200 and (ready is None or ready(body)):
                 return
             last = f"HTTP {status} {body[:200]!r}"
@@ -230,11 +239,12 @@ class RolloutServers:
                  log_dir: Optional[str | Path] = None) -> None:
         self.cfg = rollout
         self.model_path = model_path
-        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="megarl-servers-"))
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="megarl-servers-"))
         self.servers: list[ManagedProcess] = []
         self.router: Optional[ManagedProcess] = None
         self.server_urls: list[str] = [u.rstrip("/") for u in rollout.server_urls]
-        self.router_url: Optional[str] = rollout.router_url.rstrip("/") if rollout.router_url else None
+        self.router_url: Optional[str] = (rollout.router_url.rstrip("/") if rollout.router_url
+                                          else None)
 
     @property
     def generate_urls(self) -> list[str]:
@@ -284,7 +294,8 @@ class RolloutServers:
                     mem_fraction_static=cfg.mem_fraction_static,
                     base_gpu_id=cfg.base_gpu_id + i * cfg.server_tp,
                     enable_memory_saver=cfg.mode == "colocated", extra=cfg.server_args)
-            proc = ManagedProcess(f"{cfg.backend} server {i}", cmd, self.log_dir / f"server_{i}.log",
+            proc = ManagedProcess(f"{cfg.backend} server {i}", cmd,
+                                  self.log_dir / f"server_{i}.log",
                                   env=importable_env() if cfg.backend == "dev" else None)
             self.servers.append(proc.start())
             self.server_urls.append(f"http://{_url_host(cfg.host)}:{port}")

@@ -91,7 +91,8 @@ class BroadcastWeightSync(WeightSync):
             payload = P.init_weights_update_group_payload(
                 master_address=address, master_port=port, rank_offset=offset,
                 world_size=world_size, backend=self.backend)
-            futures.append(self._loop.submit(self._post(url, "/init_weights_update_group", payload)))
+            call = self._post(url, "/init_weights_update_group", payload)
+            futures.append(self._loop.submit(call))
             offset += tp
         logger.info("weight-update group: trainer rank 0 at %s:%d, %d server ranks, %s",
                     address, port, world_size - 1, self.backend)

@@ -50,10 +50,11 @@ def create_weight_update_group(*, master_address: str, master_port: int, rank: i
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("weight-update group: backend nccl needs CUDA; use gloo on CPU")
     timeout = datetime.timedelta(seconds=timeout_s)
-    host = master_address if ":" not in master_address else f"[{master_address}]"
-    init_method = f"tcp://{host}:{master_port}"
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    # An explicit store rather than c10d.rendezvous: under torchrun the latter honours
+    # TORCHELASTIC_USE_AGENT_STORE and joins the trainer job's own store as a client, so
+    # trainer rank 0 would never host this group's rendezvous.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
+                          timeout=timeout, wait_for_workers=False)
     store = c10d.PrefixStore(group_name, store)
     group, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), store, group_name=group_name,

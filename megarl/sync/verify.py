@@ -58,8 +58,7 @@ def verify_servers(admin: Any, infos: list[dict], fingerprints: Fingerprints) ->
     """Compare every server with the fingerprints; raise WeightMismatchError listing all
     differences. Dev servers are compared by checksum, SGLang servers by first rows."""
     mismatches: list[str] = []
-    dev_urls = [u for u, info in zip(admin.urls, infos) if info.get("backend") == DEV_SERVER_BACKEND]
-    if dev_urls and len(dev_urls) == len(admin.urls):
+    if all(info.get("backend") == DEV_SERVER_BACKEND for info in infos):
         names = list(fingerprints.checksums)
         for url, sums in zip(admin.urls, admin.dev_checksums(names)):
             mismatches += fingerprints.compare_checksums(url, sums)
