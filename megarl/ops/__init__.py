@@ -7,6 +7,7 @@ for the nucleus, a bounded number of candidates per token) cross ranks.
 from megarl.ops.token_stats import (
     DEFAULT_CHUNK_SIZE,
     TokenStats,
+    default_chunk_size,
     vocab_parallel_entropy,
     vocab_parallel_log_probs,
     vocab_parallel_nucleus_entropy,
@@ -16,6 +17,7 @@ from megarl.ops.token_stats import (
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "TokenStats",
+    "default_chunk_size",
     "vocab_parallel_entropy",
     "vocab_parallel_log_probs",
     "vocab_parallel_nucleus_entropy",

@@ -1,24 +1,20 @@
 """Exact distributed top-p nucleus and the entropy inside it (spec 1.4).
 
-Order: probability descending, smaller global id first. Probabilities order exactly like the
-raw logits, so the order is taken on the raw values (never on rounded probabilities, which
-can tie where the logits do not). Each element gets an int64 key
-(order-preserving bits of its float32 logit << 24) + (2**24 - 1 - id), so "key >= t" is
-"comes no later than the element with key t".
+Order and keys: see order.py. Masses are int64 fixed point (`softmax_stats.fixed_mass`):
+every cumulative sum is exact, so the nucleus does not depend on summation order or on the
+TP size.
 
-Masses are int64 fixed point (`softmax_stats.fixed_point_bits`): every cumulative sum is
-then exact, so the nucleus does not depend on summation order or on the TP size.
-
-Selection, per block of rows: each rank sends its local top-K (value, id) and its frontier
-(its K-th value: ids of that value may be missing) to all; every rank sorts the merged
+Selection, per block of rows: each rank sends its local top-k (value, id) and its frontier
+(ids with values at or below it may be missing) to all; every rank sorts the merged
 candidates identically and finds the crossing element, the first whose cumulative mass
 reaches p * S. If that element's value is above every frontier, all earlier elements are
-present and the answer is exact. Otherwise (nucleus larger than the candidates, or ties at a
-frontier) the row falls back to an exact search on the key: each step all-reduces the kept
-mass at 256 trial keys, so about 7 steps settle a row; it never gathers the vocabulary.
+present and the answer is exact. A small k settles typical rows; the rest get a round with
+k = top_k, and what that cannot settle (a nucleus larger than the candidates, or ties at a
+frontier) goes to the exact radix search of nucleus_search.py, which never gathers the
+vocabulary.
 
-Shape legend: T tokens, V real local columns, K candidates per rank, R ranks,
-L = R * K merged candidates, G rows of a fallback group.
+Shape legend: T tokens, V real local columns, k candidates per rank, R ranks,
+L = R * k merged candidates, G rows of a block.
 """
 
 from __future__ import annotations
@@ -27,18 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
+from megarl.ops.nucleus_grad import SPARSE_MEMBERS
+from megarl.ops.nucleus_search import search
+from megarl.ops.order import ID_BITS, ID_MASK, MIN_KEY, cut_of_key, member_sums, order_keys
 from megarl.ops.shard import VocabShard
 from megarl.ops.softmax_stats import shift_into
 
-ID_BITS = 24
-ID_MASK = (1 << ID_BITS) - 1
-MIN_KEY = -(1 << 62)  # below every element's key
 RULES = ("inclusive", "exclusive")
 
-# Bytes of working memory per merged candidate and per fallback element (upper estimates),
-# used to size row blocks to the caller's memory budget.
+# Bytes of working memory per merged candidate (an upper estimate), used to size row blocks
+# to the caller's memory budget.
 _BYTES_PER_CANDIDATE = 64
-_BYTES_PER_SEARCH_ELEMENT = 64
 _FIRST_STAGE_K = 32
 _BLOCK = 32  # columns per block when pruning the local top-k by block maxima
 MIN_BUDGET_BYTES = 4 << 20
@@ -74,24 +69,9 @@ class Nucleus:
     cut_value: torch.Tensor  # float32: member iff x > cut_value, or x == cut_value and
     cut_id: torch.Tensor  # int64:    global id <= cut_id
     split: torch.Tensor  # bool: some x == cut_value is outside N (else member iff x >= it)
-
-
-def order_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordering (value descending, id ascending) as keys descending."""
-    v = values.float() + 0.0  # -0.0 -> +0.0: equal floats must get equal keys
-    bits = v.view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    return (ordered << ID_BITS) + (ID_MASK - ids)
-
-
-def _value_of_ordered(ordered: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
-    return bits.view(torch.float32)
-
-
-def cut_of_key(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cut_value, cut_id) such that key(x, id) >= keys iff x > v or (x == v and id <= g)."""
-    return _value_of_ordered(keys >> ID_BITS), ID_MASK - (keys & ID_MASK)
+    dense: torch.Tensor  # bool: N is too large for a member list; backward compares with the cut
+    member_rows: torch.Tensor | None = None  # int64 [P], ascending: row of each listed member
+    member_ids: torch.Tensor | None = None  # int64 [P]: its global id (rows not dense only)
 
 
 def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
@@ -107,31 +87,57 @@ def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
     num_rows, dev = x_TV.shape[0], x_TV.device
     out = Nucleus(*(torch.zeros(num_rows, dtype=torch.float32, device=dev) for _ in range(5)),
                   cut_id=torch.zeros(num_rows, dtype=torch.int64, device=dev),
-                  split=torch.zeros(num_rows, dtype=torch.bool, device=dev))
+                  split=torch.zeros(num_rows, dtype=torch.bool, device=dev),
+                  dense=torch.zeros(num_rows, dtype=torch.bool, device=dev))
+    pairs = []
     budget_bytes = max(budget_bytes, MIN_BUDGET_BYTES)
     # the crossing element: the first whose cumulative mass reaches ceil(p * S), at most S
     threshold = torch.minimum(torch.ceil(spec.top_p * sum_fixed_T.double()).long(), sum_fixed_T)
     args = (shard, spec, temperature, bits)
-    pending = torch.arange(num_rows, device=dev)
+    pending = None  # all rows: the first stage takes row slices, never a copy of the input
     lo = hi = None
     for k in _stage_sizes(spec.top_k, shard.vocab_local):
         per_row = _BYTES_PER_CANDIDATE * shard.size * k + 16 * min(shard.vocab_local, k * _BLOCK)
+        step = max(1, budget_bytes // per_row)
         left, lo_parts, hi_parts = [], [], []
-        for rows in pending.split(max(1, budget_bytes // per_row)):
-            res = _try_candidates(x_TV[rows], max_T[rows], threshold[rows], k, *args)
+        for a in range(0, num_rows if pending is None else pending.numel(), step):
+            if pending is None:
+                rows = torch.arange(a, min(a + step, num_rows), device=dev)
+                pick = slice(a, a + rows.numel())
+            else:
+                rows = pick = pending[a: a + step]
+            res = _try_candidates(x_TV[pick], max_T[pick], threshold[pick], k, *args)
             done = res["resolved"]
             _store(out, rows[done], res["member_key"][done], res["stats"][done],
                    sum_fixed_T[rows[done]], bits)
+            pairs.append(_member_pairs(out, rows[done], res["ids"][done]))
             left.append(rows[~done])
             lo_parts.append(res["lo"][~done])
             hi_parts.append(res["hi"][~done])
         pending, lo, hi = torch.cat(left), torch.cat(lo_parts), torch.cat(hi_parts)
         if pending.numel() == 0:  # the same on every rank: decided from gathered data
-            return out
-    key, stats = _search(x_TV[pending], max_T[pending], threshold[pending], lo, hi, *args,
-                         budget_bytes=budget_bytes)
-    _store(out, pending, key, stats, sum_fixed_T[pending], bits)
+            break
+    else:
+        key, stats = search(x_TV[pending], max_T[pending], threshold[pending], lo, hi, shard,
+                            rule=spec.rule, temperature=temperature, bits=bits,
+                            budget_bytes=budget_bytes)
+        _store(out, pending, key, stats, sum_fixed_T[pending], bits)
+        out.dense[pending] = True
+    rows, ids = (torch.cat(t) for t in zip(*pairs))
+    order = torch.argsort(rows, stable=True)
+    out.member_rows, out.member_ids = rows[order], ids[order]
     return out
+
+
+def _member_pairs(out: Nucleus, rows: torch.Tensor, ids_sorted: torch.Tensor):
+    """(row, global id) of every member of the small nuclei of `rows`; marks the rest dense."""
+    size = out.size[rows].long()
+    small = size <= SPARSE_MEMBERS
+    out.dense[rows[~small]] = True
+    member = (torch.arange(ids_sorted.shape[1], device=rows.device) < size.unsqueeze(1))
+    member &= small.unsqueeze(1)
+    at = member.nonzero()
+    return rows[at[:, 0]], ids_sorted[at[:, 0], at[:, 1]]
 
 
 def _stage_sizes(top_k: int, vocab_local: int) -> tuple[int, ...]:
@@ -144,8 +150,8 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits)
     """One candidate round: each rank's local top-k, gathered, merged identically everywhere.
 
     Returns per row: resolved (the crossing is provably among the candidates), member_key
-    (members: key >= it), stats [G, 4] (sum_N e, sum_N e y, |N|, split), and for unresolved
-    rows the search bounds lo, hi.
+    (members: key >= it), stats [G, 4] (sum_N e, sum_N e y, |N|, split), ids (candidates'
+    global ids in order: N is a prefix), and for unresolved rows the search bounds lo, hi.
     """
     gathered = shard.all_gather(_local_candidates(x_GV, shard, k))
     rows = gathered.shape[1]
@@ -153,7 +159,7 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits)
     ids = gathered[..., k: 2 * k].permute(1, 0, 2).reshape(rows, -1).long()
     frontier = gathered[..., 2 * k].amax(0)
     keys, order = order_keys(values, ids).sort(dim=-1, descending=True)
-    values = values.gather(-1, order)
+    values, ids = values.gather(-1, order), ids.gather(-1, order)
     y = shift_into(values, max_G, temperature, torch.empty_like(values))
     e = torch.exp(y)
     cum = (e * float(2 ** bits)).long().cumsum(-1)
@@ -170,9 +176,9 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits)
     split = (size > 0) & (size < length) & (
         values.gather(1, after).squeeze(1) == values.gather(1, last).squeeze(1))
     member = torch.arange(length, device=keys.device) < size.unsqueeze(1)
-    stats = torch.stack([*_member_sums(member, e, y), split.double()], dim=1)
+    stats = torch.stack([*member_sums(member, e, y), split.double()], dim=1)
     lo = torch.where(found, keys.gather(1, at_cross).squeeze(1), MIN_KEY)
-    return dict(resolved=resolved, member_key=member_key, stats=stats, lo=lo,
+    return dict(resolved=resolved, member_key=member_key, stats=stats, ids=ids, lo=lo,
                 hi=_key_above(frontier))
 
 
@@ -217,13 +223,6 @@ def _key_above(value: torch.Tensor) -> torch.Tensor:
     return torch.where(value == float("inf"), -MIN_KEY, (keys + 1) << ID_BITS)
 
 
-def _member_sums(member: torch.Tensor, e: torch.Tensor, y: torch.Tensor):
-    """(sum_N e, sum_N e * y, |N|) per row in float64; -inf outside N never meets a 0."""
-    e64 = torch.where(member, e.double(), 0.0)
-    ey = torch.where(member, e64 * y.double(), 0.0)
-    return e64.sum(-1), ey.sum(-1), member.sum(-1).double()
-
-
 def _store(out: Nucleus, rows: torch.Tensor, member_key: torch.Tensor, stats: torch.Tensor,
            sum_fixed: torch.Tensor, bits: int) -> None:
     s_n, u_n, size, split = stats.unbind(1)
@@ -235,73 +234,3 @@ def _store(out: Nucleus, rows: torch.Tensor, member_key: torch.Tensor, stats: to
     out.log_mass[rows] = torch.log(s_n).float()
     out.split[rows] = split > 0
     out.cut_value[rows], out.cut_id[rows] = cut_of_key(member_key)
-
-
-def _search(x_GV, max_G, threshold_G, lo, hi, shard: VocabShard, spec: NucleusSpec,
-            temperature: float, bits: int, *, budget_bytes: int):
-    """Exact search for rows whose crossing the candidates could not settle.
-
-    Invariant per row: mass(key >= lo) >= threshold > mass(key >= hi); each step asks the
-    group for the mass above `_SEARCH_POINTS` keys spaced over (lo, hi) at once (one
-    all-reduce), so the interval shrinks 257-fold per step; at the end hi = lo + 1 and lo is
-    the crossing element's key. Returns (member key, [G, 4] stats as in _try_candidates).
-    """
-    rows = x_GV.shape[0]
-    group = max(1, budget_bytes // (_BYTES_PER_SEARCH_ELEMENT * max(1, shard.vocab_local)))
-    keys_out = torch.empty(rows, dtype=torch.int64, device=x_GV.device)
-    stats_out = torch.empty(rows, 4, dtype=torch.float64, device=x_GV.device)
-    cols = torch.arange(x_GV.shape[1], device=x_GV.device) + shard.start
-    for a in range(0, rows, group):
-        sl = slice(a, min(a + group, rows))
-        x = x_GV[sl]
-        keys = order_keys(x, cols.unsqueeze(0))
-        y = shift_into(x, max_G[sl], temperature, torch.empty(x.shape, device=x.device))
-        e = torch.exp(y)
-        mass_above = _MassAbove(keys, (e * float(2 ** bits)).long())
-        lo_g, hi_g = lo[sl].clone(), hi[sl].clone()
-        for _ in range(_search_steps(int((hi_g - lo_g).max().item()))):
-            points = _spaced_points(lo_g, hi_g)
-            ok = shard.all_reduce_sum(mass_above(points)) >= threshold_G[sl].unsqueeze(1)
-            n_ok = ok.sum(-1, keepdim=True)  # ok is True on a prefix: mass falls as keys rise
-            padded = torch.cat([lo_g.unsqueeze(1), points, hi_g.unsqueeze(1)], dim=1)
-            lo_g = padded.gather(1, n_ok).squeeze(1)
-            hi_g = padded.gather(1, n_ok + 1).squeeze(1)
-        member_key = lo_g + (1 if spec.rule == "exclusive" else 0)
-        member = keys >= member_key.unsqueeze(1)
-        cut_value, _ = cut_of_key(member_key)
-        left_out_tie = ((x == cut_value.unsqueeze(1)) & ~member).sum(-1).double()
-        stats = torch.stack([*_member_sums(member, e, y), left_out_tie], dim=1)
-        keys_out[sl], stats_out[sl] = member_key, shard.all_reduce_sum(stats)
-    return keys_out, stats_out
-
-
-_SEARCH_POINTS = 256
-
-
-def _search_steps(width: int) -> int:
-    steps = 0
-    while width > 1:
-        width = -(-width // (_SEARCH_POINTS + 1))
-        steps += 1
-    return steps
-
-
-def _spaced_points(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[G, P] keys lo + floor(i * (hi - lo) / (P + 1)), i = 1..P, without int64 overflow."""
-    i = torch.arange(1, _SEARCH_POINTS + 1, device=lo.device)
-    width = (hi - lo).unsqueeze(1)
-    whole, part = width // (_SEARCH_POINTS + 1), width % (_SEARCH_POINTS + 1)
-    return lo.unsqueeze(1) + whole * i + part * i // (_SEARCH_POINTS + 1)
-
-
-class _MassAbove:
-    """Local fixed-point mass of the elements with key >= t, for many t per row at once."""
-
-    def __init__(self, keys_GV: torch.Tensor, fixed_GV: torch.Tensor) -> None:
-        self.sorted_keys, order = keys_GV.sort(dim=-1)
-        suffix = fixed_GV.gather(1, order).flip(1).cumsum(1).flip(1)
-        self.suffix = torch.cat([suffix, suffix.new_zeros(suffix.shape[0], 1)], dim=1)
-
-    def __call__(self, points_GP: torch.Tensor) -> torch.Tensor:
-        first = torch.searchsorted(self.sorted_keys, points_GP)  # first element with key >= t
-        return self.suffix.gather(1, first)

@@ -71,14 +71,23 @@ class VocabShard:
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise max over the group, in place."""
-        if self.size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t
+        return self._all_reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise min over the group, in place."""
+        return self._all_reduce(t, dist.ReduceOp.MIN)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over the group, in place."""
+        return self._all_reduce(t, dist.ReduceOp.SUM)
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            # collectives work on the storage: a strided view must travel as a copy
+            work = t if t.is_contiguous() else t.contiguous()
+            dist.all_reduce(work, op=op, group=self.group)
+            if work is not t:
+                t.copy_(work)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:

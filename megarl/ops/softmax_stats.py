@@ -118,33 +118,17 @@ def sum_e_y_clamped(y_BV: torch.Tensor) -> torch.Tensor:
     return (torch.exp(y) * y).sum(-1).double()
 
 
-def membership(x_BV: torch.Tensor, cut_value_B: torch.Tensor, cut_local_B: torch.Tensor,
-               cols_V: torch.Tensor, split_rows: list[int]) -> torch.Tensor:
-    """Nucleus membership of local columns: x > v, or x == v and column <= the cut column.
+def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, nucleus=None, *,
+               row0: int, sub_rows: int, x_CV: torch.Tensor | None = None) -> None:
+    """Write d(loss)/dx for one chunk (rows row0...) into `out_CV` (the logits' dtype).
 
-    This is the order of spec 1.4 (probability descending, smaller id first) on raw logits,
-    which order exactly like probabilities and never round two different values together.
-    Only rows where a tie at v straddles the cut (`split_rows`) need the column test.
-    """
-    member = x_BV >= cut_value_B.unsqueeze(1)
-    if split_rows:
-        r = torch.tensor(split_rows, device=x_BV.device)
-        x, v = x_BV[r], cut_value_B[r].unsqueeze(1)
-        member[r] = (x > v) | ((x == v) & (cols_V.unsqueeze(0) <= cut_local_B[r].unsqueeze(1)))
-    return member
-
-
-def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, *,
-               sub_rows: int, x_CV: torch.Tensor | None = None) -> None:
-    """Write d(loss)/dx for one chunk into `out_CV` (the logits' dtype), destroying y_CV.
-
-    With p = exp(y - log S) and y' = y - log S (= log p), every requested term is
-    p * (a + b * y') (spec 1.1, 1.2), plus for the nucleus q * (a2 + b2 * y') inside N
-    where q = p * S / S_N; the per-row coefficients in `coef` carry the upstream weights and
-    1/T. Keys: "log_s", "a1", optional "b1"; "clamp_rows" (chunk rows with -inf logits, a
-    host list, where y' meets b1); optional "a2", "b2", "cut_value", "cut_local", "cols",
-    "split_rows" (nucleus); optional "target" = (local column, weight) for the one-hot term
-    of the log-prob (weight 0 on rows whose target another shard owns).
+    Destroys y_CV. With y' = y - log S (= log p), the log-prob and entropy terms are
+    p * (a1 + b1 * y') (spec 1.1, 1.2) plus the log-prob's one-hot; the per-row
+    coefficients in `coef` carry the upstream weights and 1/T. Keys: "log_s", "a1",
+    "active" (False: no log-prob or entropy gradient, the term is 0), optional "b1",
+    "clamp_rows" (chunk rows with -inf logits, a host list, where y' meets b1), optional
+    "target" = (local column, weight) (weight 0 where another shard owns the target).
+    `nucleus` (a nucleus_grad.NucleusGrad) adds the nucleus entropy's term.
     """
     y_CV.sub_(coef["log_s"].unsqueeze(1))
     for r in coef.get("clamp_rows", ()):
@@ -154,26 +138,24 @@ def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, *,
                                           dtype=torch.float32, device=y_CV.device)
     for sl in row_blocks(y_CV.shape[0], sub_rows):
         y = y_CV[sl]
-        p = torch.exp(y, out=out_CV[sl] if direct else tmp[: y.shape[0]])
-        p.mul_(_grad_factor(y, coef, sl, x_CV))
-        if "target" in coef:
-            cols, weight = coef["target"]
-            p.scatter_add_(1, cols[sl].unsqueeze(1), weight[sl].unsqueeze(1))
+        terms = None if nucleus is None else nucleus.terms(y, x_CV[sl], row0 + sl.start)
+        p = out_CV[sl] if direct else tmp[: y.shape[0]]
+        if coef["active"]:
+            torch.exp(y, out=p).mul_(_grad_factor(y, coef, sl))
+            if "target" in coef:
+                cols, weight = coef["target"]
+                p.scatter_add_(1, cols[sl].unsqueeze(1), weight[sl].unsqueeze(1))
+        else:
+            p.zero_()
+        if terms is not None:
+            nucleus.apply(p, terms)
         if not direct:
             out_CV[sl].copy_(p)
 
 
-def _grad_factor(y: torch.Tensor, coef: dict, sl: slice, x_CV: torch.Tensor | None) -> torch.Tensor:
-    """a1 + b1 * y' [+ member * (a2 + b2 * y')], built in y's storage where possible."""
+def _grad_factor(y: torch.Tensor, coef: dict, sl: slice) -> torch.Tensor:
+    """a1 + b1 * y', in y's storage when there is a b1."""
     a1 = coef["a1"][sl].unsqueeze(1)
-    nucleus = None
-    if "a2" in coef:
-        split = [r - sl.start for r in coef["split_rows"] if sl.start <= r < sl.stop]
-        member = membership(x_CV[sl], coef["cut_value"][sl], coef["cut_local"][sl],
-                            coef["cols"], split)
-        inside = torch.addcmul(coef["a2"][sl].unsqueeze(1), y, coef["b2"][sl].unsqueeze(1))
-        nucleus = torch.where(member, inside, 0.0)  # where, not *: y' = -inf outside N
     if "b1" in coef:
-        factor = y.mul_(coef["b1"][sl].unsqueeze(1)).add_(a1)
-        return factor if nucleus is None else factor.add_(nucleus)
-    return a1 if nucleus is None else nucleus.add_(a1)
+        return y.mul_(coef["b1"][sl].unsqueeze(1)).add_(a1)
+    return a1

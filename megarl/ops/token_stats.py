@@ -22,10 +22,21 @@ import torch.distributed as dist
 
 from megarl.ops import nucleus as nuc
 from megarl.ops import softmax_stats as sm
+from megarl.ops.nucleus_grad import NucleusGrad
 from megarl.ops.shard import VocabShard
 
 DEFAULT_CHUNK_SIZE = 4096
-"""Tokens per chunk: the working buffer is chunk x V_loc float32."""
+"""Tokens per chunk on CUDA: the working buffer is chunk x V_loc float32."""
+CPU_CHUNK_BYTES = 8 << 20
+"""On CPU the default chunk keeps the buffer at 8 MiB: larger blocks come from fresh mmaps
+(page faults on every call) and miss the caches, which costs more than the extra chunks."""
+
+
+def default_chunk_size(vocab_local: int, device: torch.device) -> int:
+    """Tokens per chunk when the caller gives none."""
+    if device.type == "cpu":
+        return max(1, min(DEFAULT_CHUNK_SIZE, CPU_CHUNK_BYTES // (4 * max(1, vocab_local))))
+    return DEFAULT_CHUNK_SIZE
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OUTPUTS = ("log_probs", "entropy", "nucleus_entropy", "nucleus_mass", "nucleus_size")
@@ -70,7 +81,7 @@ def vocab_parallel_token_stats(
     tp_group: dist.ProcessGroup | None = None, temperature: float = 1.0,
     real_vocab_size: int | None = None, log_probs: bool = True, entropy: bool = False,
     nucleus_top_p: float | None = None, nucleus_rule: str = "inclusive",
-    nucleus_top_k: int = 1024, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    nucleus_top_k: int = 1024, chunk_size: int | None = None,
 ) -> TokenStats:
     """Log-probs of `targets`, entropy and top-p nucleus entropy of softmax(logits / T).
 
@@ -79,6 +90,8 @@ def vocab_parallel_token_stats(
     (the unpadded vocab) get no probability; a target outside [0, real_vocab_size) gets
     log-prob -inf. Each row needs at least one finite real logit. Inputs are never modified.
     Every rank of `tp_group` must call this with the same token shape and options.
+    `chunk_size` tokens are processed at a time (extra memory about 1.125 x chunk x V_loc x 4
+    bytes); None: `default_chunk_size`.
     """
     if not (torch.is_tensor(logits) and logits.dtype in _FLOAT_DTYPES and logits.dim() >= 1):
         raise ValueError(f"logits must be a float32/bfloat16/float16 tensor [..., V_loc], got "
@@ -88,6 +101,8 @@ def vocab_parallel_token_stats(
                          f"{None if targets is None else tuple(targets.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(logits.shape[-1], logits.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     spec = None
@@ -104,7 +119,7 @@ def vocab_parallel_token_stats(
 
 
 def vocab_parallel_log_probs(logits, targets, tp_group=None, *, temperature=1.0,
-                             real_vocab_size=None, chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                             real_vocab_size=None, chunk_size=None) -> torch.Tensor:
     """log softmax(logits / T) at the global ids `targets` (spec 1.1), float32 [...]."""
     return vocab_parallel_token_stats(
         logits, targets, tp_group=tp_group, temperature=temperature,
@@ -112,7 +127,7 @@ def vocab_parallel_log_probs(logits, targets, tp_group=None, *, temperature=1.0,
 
 
 def vocab_parallel_entropy(logits, tp_group=None, *, temperature=1.0, real_vocab_size=None,
-                           chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                           chunk_size=None) -> torch.Tensor:
     """Entropy of softmax(logits / T) over the whole vocab (spec 1.2), float32 [...]."""
     return vocab_parallel_token_stats(
         logits, tp_group=tp_group, temperature=temperature, real_vocab_size=real_vocab_size,
@@ -121,7 +136,7 @@ def vocab_parallel_entropy(logits, tp_group=None, *, temperature=1.0, real_vocab
 
 def vocab_parallel_nucleus_entropy(logits, top_p, tp_group=None, rule="inclusive", *,
                                    temperature=1.0, real_vocab_size=None, top_k=1024,
-                                   chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                                   chunk_size=None) -> torch.Tensor:
     """Entropy of softmax(logits / T) renormalised inside the top-p nucleus (spec 1.4).
 
     `rule`: "inclusive" (the standard nucleus: shortest prefix with mass >= p) or
@@ -245,7 +260,8 @@ def _finish_forward(x, targets, row_max, totals, clamp, plan: _Plan) -> dict:
                        temperature=plan.temperature, bits=plan.fixed_bits, budget_bytes=budget)
         out.update(nucleus_entropy=n.entropy, nucleus_mass=n.mass, nucleus_size=n.size,
                    hp=n.entropy.clone(), hp_size=n.size.clone(), hp_log_mass=n.log_mass,
-                   cut_value=n.cut_value, cut_id=n.cut_id, split=n.split)
+                   cut_value=n.cut_value, cut_id=n.cut_id, split=n.split, dense=n.dense,
+                   member_rows=n.member_rows, member_ids=n.member_ids)
     return out
 
 
@@ -269,37 +285,29 @@ def _backward(x_TV, targets, plan: _Plan, saved: dict, g_lp, g_h, g_hp) -> torch
     if n_real < shard.vocab_local:
         grad[:, n_real:] = 0
     if num_rows == 0 or n_real == 0:
-        if n_real == 0:
-            grad.zero_()
-        return grad
-    coef = _coefficients(saved, plan, targets, g_lp, g_h, g_hp)
+        return grad.zero_()
+    coef, nucleus = _coefficients(saved, plan, targets, g_lp, g_h, g_hp)
     x = x_TV[:, :n_real]
     chunk = min(plan.chunk_size, num_rows)
     buf = torch.empty(chunk, n_real, dtype=torch.float32, device=x.device)
     clamp_rows = coef.pop("clamp_rows", [])
-    split_rows = coef.pop("split_rows", [])
     for sl in sm.row_blocks(num_rows, chunk):
         y = sm.shift_into(x[sl], saved["row_max"][sl], plan.temperature, buf[: sl.stop - sl.start])
-        chunk_coef = {k: (v[sl] if torch.is_tensor(v) and v.dim() == 1 and k != "cols" else v)
-                      for k, v in coef.items()}
+        chunk_coef = {k: (v[sl] if torch.is_tensor(v) else v) for k, v in coef.items()}
         if "target" in coef:
             chunk_coef["target"] = tuple(t[sl] for t in coef["target"])
-        chunk_coef["clamp_rows"] = _rows_in(clamp_rows, sl)
-        chunk_coef["split_rows"] = _rows_in(split_rows, sl)
-        sm.chunk_grad(y, grad[sl, :n_real], chunk_coef, sub_rows=plan.sub_rows, x_CV=x[sl])
+        chunk_coef["clamp_rows"] = [r - sl.start for r in clamp_rows if sl.start <= r < sl.stop]
+        sm.chunk_grad(y, grad[sl, :n_real], chunk_coef, nucleus, row0=sl.start,
+                      sub_rows=plan.sub_rows, x_CV=x[sl])
     return grad
 
 
-def _rows_in(rows: list[int], sl: slice) -> list[int]:
-    return [r - sl.start for r in rows if sl.start <= r < sl.stop]
-
-
-def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp) -> dict:
-    """Per-row coefficients of chunk_grad's p * (a1 + b1 y' + member * (a2 + b2 y'))."""
+def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp):
+    """chunk_grad's per-row coefficients (p * (a1 + b1 y') + one-hot) and the nucleus term."""
     inv_t = 1.0 / plan.temperature
     log_s = saved["log_s"]
     a1 = torch.zeros_like(log_s)
-    coef = {"log_s": log_s, "a1": a1}
+    coef = {"log_s": log_s, "a1": a1, "active": g_lp is not None or g_h is not None}
     if g_lp is not None:
         # a target without probability has the constant log-prob -inf: no gradient
         valid = (targets >= 0) & (targets < plan.shard.real_vocab)
@@ -311,16 +319,13 @@ def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp) -> dict:
         g_h = g_h.reshape(-1).float()
         a1.sub_(g_h * saved["h"] * inv_t)
         coef["b1"] = -g_h * inv_t
+        coef["clamp_rows"] = saved["clamp"].nonzero().squeeze(1).tolist()
+    nucleus = None
     if g_hp is not None:
         g_hp = g_hp.reshape(-1).float()
         nonempty = saved["hp_size"] > 0
         log_mass = torch.where(nonempty, saved["hp_log_mass"], log_s)
         rho = torch.where(nonempty, torch.exp(log_s - log_mass), 0.0)  # S / S_N
         b2 = -rho * g_hp * inv_t
-        coef.update(b2=b2, a2=b2 * (log_s - log_mass + saved["hp"]),
-                    cut_value=saved["cut_value"], cut_local=saved["cut_id"] - plan.shard.start,
-                    cols=torch.arange(plan.shard.real_local, device=log_s.device),
-                    split_rows=saved["split"].nonzero().squeeze(1).tolist())
-    if "b1" in coef:
-        coef["clamp_rows"] = saved["clamp"].nonzero().squeeze(1).tolist()
-    return coef
+        nucleus = NucleusGrad(b2 * (log_s - log_mass + saved["hp"]), b2, saved, plan.shard)
+    return coef, nucleus

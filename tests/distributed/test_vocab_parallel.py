@@ -190,3 +190,24 @@ def test_log_prob_and_entropy_use_one_max_and_one_sum_and_no_backward_communicat
     for fwd, bwd in run_distributed(_worker_collective_counts, world, timeout=120):
         assert fwd == {"all_reduce_max": 1, "all_reduce_sum": 1}
         assert bwd == {}
+
+
+def _worker_strided_collectives():
+    from megarl.ops.shard import VocabShard
+
+    shard = VocabShard.of(4, dist.group.WORLD, None)
+    rank = dist.get_rank()
+    base = torch.arange(12, dtype=torch.int64).reshape(3, 4) * (rank + 1)
+    view = base[:, :3]  # strided: rows are 4 apart
+    shard.all_reduce_sum(view)
+    low = (torch.arange(6.0).reshape(2, 3) + rank).t()
+    shard.all_reduce_min(low)
+    return base, low
+
+
+def test_collectives_accept_strided_views():
+    full = torch.arange(12).reshape(3, 4)
+    for rank, (base, low) in enumerate(run_distributed(_worker_strided_collectives, 2, timeout=60)):
+        assert torch.equal(base[:, :3], full[:, :3] * 3)  # 1x + 2x
+        assert torch.equal(base[:, 3], full[:, 3] * (rank + 1))  # outside the view: untouched
+        assert torch.equal(low, torch.arange(6.0).reshape(2, 3).t())
