@@ -302,6 +302,8 @@ _SCOPED_FUNCTIONS = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    # Checkpointing the distributed optimizer in its reshardable format moves shards with .cuda().
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"),
 )

@@ -92,7 +92,9 @@ class _Pool:
         self.procs = [
             _SPAWN.Process(
                 target=_worker, args=(r, world_size, port, self.tasks[r], self.results, os.getpid()),
-                daemon=True, name=f"megarl-test-rank{r}",
+                # Not daemonic: the code under test may start processes of its own (reward
+                # workers, servers). Workers exit by themselves when the test process is gone.
+                daemon=False, name=f"megarl-test-rank{r}",
             )
             for r in range(world_size)
         ]

@@ -77,6 +77,7 @@ class MegatronActor:
         self.packed = megatron_config.use_transformer_engine(cfg.model)
         self._reference: Optional[list[torch.Tensor]] = None
         self.num_skipped_steps = 0
+        self.consecutive_skipped_steps = 0
 
     # ---------------------------------------------------------------------------------------
     # Planning
@@ -187,7 +188,7 @@ class MegatronActor:
                     for out in outputs:
                         merged.update(out["metrics"])
                     metrics = merged.reduce(self.ctx.dp_group)
-                metrics = self._from_last_stage(metrics)
+                metrics = self.from_last_stage(metrics)
                 metrics.update({"optim/grad_norm": grad_norm, "optim/lr": self.current_lr(),
                                 "optim/step_applied": float(applied)})
                 history.append(metrics)
@@ -245,7 +246,9 @@ class MegatronActor:
         if bad.item() > 0:
             self.optimizer.zero_grad()
             self.num_skipped_steps += 1
+            self.consecutive_skipped_steps += 1
             return False, float("nan")
+        self.consecutive_skipped_steps = 0
         applied, grad_norm, _ = self.optimizer.step()
         if applied:
             self.scheduler.step(1)
@@ -279,12 +282,14 @@ class MegatronActor:
                        packed_seq_params=packed)
         return output, partial(loss_fn, micro)
 
-    def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+    def from_last_stage(self, obj: Any) -> Any:
+        """`obj` as the last pipeline stage of this rank's pipeline has it (collective over the
+        pipeline group); losses, metrics and intervention state live there."""
         if self.ctx.pp == 1:
-            return metrics
+            return obj
         from megatron.core import parallel_state as ps
 
-        box = [metrics]
+        box = [obj]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=self.ctx.pp_group)
         return box[0]

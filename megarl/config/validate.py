@@ -65,6 +65,4 @@ def validate(config: MegarlConfig) -> MegarlConfig:
     if config.reward.function != "math":
         if not callable(load_dotted(config.reward.function, "reward.function")):
             raise ConfigError("reward.function", f"{config.reward.function!r} is not callable")
-    if ":" in config.entropy.intervention:
-        load_dotted(config.entropy.intervention, "entropy.intervention")
     return config
