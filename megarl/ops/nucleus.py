@@ -89,35 +89,39 @@ def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
                   cut_id=torch.zeros(num_rows, dtype=torch.int64, device=dev),
                   split=torch.zeros(num_rows, dtype=torch.bool, device=dev),
                   dense=torch.zeros(num_rows, dtype=torch.bool, device=dev))
-    pairs = []
+    pairs, hopeless = [], []  # hopeless: rows no further candidate round can settle
     budget_bytes = max(budget_bytes, MIN_BUDGET_BYTES)
     # the crossing element: the first whose cumulative mass reaches ceil(p * S), at most S
     threshold = torch.minimum(torch.ceil(spec.top_p * sum_fixed_T.double()).long(), sum_fixed_T)
     args = (shard, spec, temperature, bits)
     pending = None  # all rows: the first stage takes row slices, never a copy of the input
     lo = hi = None
-    for k in _stage_sizes(spec.top_k, shard.vocab_local):
+    stages = _stage_sizes(spec.top_k, shard.vocab_local)
+    for stage, k in enumerate(stages):
+        k_next = stages[stage + 1] if stage + 1 < len(stages) else None
         per_row = _BYTES_PER_CANDIDATE * shard.size * k + 16 * min(shard.vocab_local, k * _BLOCK)
         step = max(1, budget_bytes // per_row)
-        left, lo_parts, hi_parts = [], [], []
+        left = []
         for a in range(0, num_rows if pending is None else pending.numel(), step):
             if pending is None:
                 rows = torch.arange(a, min(a + step, num_rows), device=dev)
                 pick = slice(a, a + rows.numel())
             else:
                 rows = pick = pending[a: a + step]
-            res = _try_candidates(x_TV[pick], max_T[pick], threshold[pick], k, *args)
+            res = _try_candidates(x_TV[pick], max_T[pick], threshold[pick], k, *args,
+                                  k_next=k_next)
             done = res["resolved"]
             _store(out, rows[done], res["member_key"][done], res["stats"][done],
                    sum_fixed_T[rows[done]], bits)
             pairs.append(_member_pairs(out, rows[done], res["ids"][done]))
-            left.append(rows[~done])
-            lo_parts.append(res["lo"][~done])
-            hi_parts.append(res["hi"][~done])
-        pending, lo, hi = torch.cat(left), torch.cat(lo_parts), torch.cat(hi_parts)
+            for parts, keep in ((left, ~done & res["hopeful"]), (hopeless, ~done & ~res["hopeful"])):
+                parts.append((rows[keep], res["lo"][keep], res["hi"][keep]))
+        pending, lo, hi = (torch.cat(t) for t in zip(*left))
         if pending.numel() == 0:  # the same on every rank: decided from gathered data
             break
-    else:
+    hopeless.append((pending, lo, hi))
+    pending, lo, hi = (torch.cat(t) for t in zip(*hopeless))
+    if pending.numel():
         key, stats = search(x_TV[pending], max_T[pending], threshold[pending], lo, hi, shard,
                             rule=spec.rule, temperature=temperature, bits=bits,
                             budget_bytes=budget_bytes)
@@ -146,12 +150,16 @@ def _stage_sizes(top_k: int, vocab_local: int) -> tuple[int, ...]:
     return (k,) if k <= _FIRST_STAGE_K else (_FIRST_STAGE_K, k)
 
 
-def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits) -> dict:
+def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits, *,
+                    k_next: int | None = None) -> dict:
     """One candidate round: each rank's local top-k, gathered, merged identically everywhere.
 
     Returns per row: resolved (the crossing is provably among the candidates), member_key
     (members: key >= it), stats [G, 4] (sum_N e, sum_N e y, |N|, split), ids (candidates'
-    global ids in order: N is a prefix), and for unresolved rows the search bounds lo, hi.
+    global ids in order: N is a prefix), for unresolved rows the search bounds lo, hi, and
+    hopeful: whether a round with k_next candidates per rank could reach p * S at all (every
+    element not listed here weighs at most what the heavier of the frontier and the last
+    candidate weigh). Every path is exact, so this only saves a futile round.
     """
     gathered = shard.all_gather(_local_candidates(x_GV, shard, k))
     rows = gathered.shape[1]
@@ -178,8 +186,15 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits)
     member = torch.arange(length, device=keys.device) < size.unsqueeze(1)
     stats = torch.stack([*member_sums(member, e, y), split.double()], dim=1)
     lo = torch.where(found, keys.gather(1, at_cross).squeeze(1), MIN_KEY)
+    hopeful = torch.zeros_like(found)
+    if k_next is not None:
+        heaviest_left = torch.maximum(frontier, values[:, -1])
+        bound = shift_into(heaviest_left.unsqueeze(1), max_G, temperature,
+                           torch.empty_like(heaviest_left.unsqueeze(1))).exp_()
+        reach = cum[:, -1] + shard.size * k_next * (bound.squeeze(1) * float(2 ** bits)).long()
+        hopeful = reach >= threshold_G
     return dict(resolved=resolved, member_key=member_key, stats=stats, ids=ids, lo=lo,
-                hi=_key_above(frontier))
+                hi=_key_above(frontier), hopeful=hopeful)
 
 
 def _local_candidates(x_GV: torch.Tensor, shard: VocabShard, k: int) -> torch.Tensor:

@@ -41,8 +41,10 @@ def membership(x_BV: torch.Tensor, cut_value_B: torch.Tensor, cut_local_B: torch
 class NucleusGrad:
     """The nucleus term of one backward call, handed out block by block."""
 
-    def __init__(self, a2_T: torch.Tensor, b2_T: torch.Tensor, saved: dict, shard: VocabShard):
+    def __init__(self, a2_T: torch.Tensor, b2_T: torch.Tensor, saved: dict, shard: VocabShard,
+                 temperature: float):
         self.a2, self.b2 = a2_T, b2_T
+        self.row_max, self.log_s, self.temperature = saved["row_max"], saved["log_s"], temperature
         self.cut_value = saved["cut_value"]
         self.cut_local = saved["cut_id"] - shard.start
         ids = saved["member_ids"]
@@ -54,28 +56,38 @@ class NucleusGrad:
         self.dense = saved["dense"].nonzero().squeeze(1).tolist()
         self.split = set(saved["split"].nonzero().squeeze(1).tolist())
 
-    def terms(self, y_BV: torch.Tensor, x_BV: torch.Tensor, row0: int):
-        """The term's values for rows [row0, row0 + B), read from y' before it is reused."""
-        rows = y_BV.shape[0]
+    def terms(self, x_BV: torch.Tensor, row0: int, y_BV: torch.Tensor | None = None):
+        """The term's values for rows [row0, row0 + B). y' is read from `y_BV` (before it is
+        reused) or, without one, computed from the logits where needed, in the same float32
+        operations as `softmax_stats.shift_into` followed by `- log S`."""
+        rows = x_BV.shape[0]
         lo, hi = np.searchsorted(self.rows_host, [row0, row0 + rows]).tolist()
         r, c = self.rows[lo:hi] - row0, self.cols[lo:hi]
-        v = y_BV[r, c]
         g = r + row0
+        v = y_BV[r, c] if y_BV is not None else self._y(x_BV[r, c], g)
         sparse = (r, c, torch.exp(v) * (self.a2[g] + self.b2[g] * v))
         dense_rows = [d for d in self.dense if row0 <= d < row0 + rows]
         if not dense_rows:
             return sparse, None
-        d = torch.tensor(dense_rows, device=y_BV.device)
-        member = membership(x_BV[d - row0], self.cut_value[d], self.cut_local[d],
+        d = torch.tensor(dense_rows, device=x_BV.device)
+        x = x_BV[d - row0]
+        member = membership(x, self.cut_value[d], self.cut_local[d],
                             [i in self.split for i in dense_rows])
-        y = y_BV[d - row0]
+        y = y_BV[d - row0] if y_BV is not None else self._y(x, d.unsqueeze(1))
         inside = torch.exp(y) * torch.addcmul(self.a2[d].unsqueeze(1), y, self.b2[d].unsqueeze(1))
         return sparse, (d - row0, torch.where(member, inside, 0.0))  # where: y' = -inf outside N
 
+    def _y(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        y = x.float() - self.row_max[rows]
+        if self.temperature != 1.0:
+            y = y / self.temperature
+        return y - self.log_s[rows]
+
     @staticmethod
     def apply(p_BV: torch.Tensor, terms) -> None:
-        """Add the terms from `terms` into the block's gradient (float32)."""
+        """Add the terms from `terms` into a block of the gradient."""
         (r, c, values), dense = terms
-        p_BV.index_put_((r, c), values, accumulate=True)
+        p_BV.index_put_((r, c), values.to(p_BV.dtype), accumulate=True)
         if dense is not None:
-            p_BV.index_add_(0, *dense)
+            rows, values = dense
+            p_BV.index_add_(0, rows, values.to(p_BV.dtype))

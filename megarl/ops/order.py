@@ -35,7 +35,8 @@ def cut_of_key(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def member_sums(member: torch.Tensor, e: torch.Tensor, y: torch.Tensor):
-    """(sum_N e, sum_N e * y, |N|) per row in float64; -inf outside N never meets a 0."""
-    e64 = torch.where(member, e.double(), 0.0)
-    ey = torch.where(member, e64 * y.double(), 0.0)
-    return e64.sum(-1), ey.sum(-1), member.sum(-1).double()
+    """(sum_N e, sum_N e * y, |N|) per row (float64 results of float32 sums, which torch
+    takes pairwise); `where`, not a product: e * y is NaN at -inf logits outside N."""
+    e_in = torch.where(member, e, 0.0)
+    ey_in = torch.where(member, e * y, 0.0)
+    return e_in.sum(-1).double(), ey_in.sum(-1).double(), member.sum(-1).double()

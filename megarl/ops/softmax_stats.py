@@ -125,7 +125,7 @@ def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, nucleus=Non
     Destroys y_CV. With y' = y - log S (= log p), the log-prob and entropy terms are
     p * (a1 + b1 * y') (spec 1.1, 1.2) plus the log-prob's one-hot; the per-row
     coefficients in `coef` carry the upstream weights and 1/T. Keys: "log_s", "a1",
-    "active" (False: no log-prob or entropy gradient, the term is 0), optional "b1",
+    optional "b1",
     "clamp_rows" (chunk rows with -inf logits, a host list, where y' meets b1), optional
     "target" = (local column, weight) (weight 0 where another shard owns the target).
     `nucleus` (a nucleus_grad.NucleusGrad) adds the nucleus entropy's term.
@@ -138,15 +138,12 @@ def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, nucleus=Non
                                           dtype=torch.float32, device=y_CV.device)
     for sl in row_blocks(y_CV.shape[0], sub_rows):
         y = y_CV[sl]
-        terms = None if nucleus is None else nucleus.terms(y, x_CV[sl], row0 + sl.start)
+        terms = None if nucleus is None else nucleus.terms(x_CV[sl], row0 + sl.start, y)
         p = out_CV[sl] if direct else tmp[: y.shape[0]]
-        if coef["active"]:
-            torch.exp(y, out=p).mul_(_grad_factor(y, coef, sl))
-            if "target" in coef:
-                cols, weight = coef["target"]
-                p.scatter_add_(1, cols[sl].unsqueeze(1), weight[sl].unsqueeze(1))
-        else:
-            p.zero_()
+        torch.exp(y, out=p).mul_(_grad_factor(y, coef, sl))
+        if "target" in coef:
+            cols, weight = coef["target"]
+            p.scatter_add_(1, cols[sl].unsqueeze(1), weight[sl].unsqueeze(1))
         if terms is not None:
             nucleus.apply(p, terms)
         if not direct:

@@ -289,6 +289,12 @@ def _backward(x_TV, targets, plan: _Plan, saved: dict, g_lp, g_h, g_hp) -> torch
     coef, nucleus = _coefficients(saved, plan, targets, g_lp, g_h, g_hp)
     x = x_TV[:, :n_real]
     chunk = min(plan.chunk_size, num_rows)
+    if not coef.pop("active"):
+        # only the nucleus entropy has a gradient: zero outside N, so no dense pass at all
+        grad[:, :n_real] = 0
+        for sl in sm.row_blocks(num_rows, chunk):
+            nucleus.apply(grad[sl, :n_real], nucleus.terms(x[sl], sl.start))
+        return grad
     buf = torch.empty(chunk, n_real, dtype=torch.float32, device=x.device)
     clamp_rows = coef.pop("clamp_rows", [])
     for sl in sm.row_blocks(num_rows, chunk):
@@ -327,5 +333,6 @@ def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp):
         log_mass = torch.where(nonempty, saved["hp_log_mass"], log_s)
         rho = torch.where(nonempty, torch.exp(log_s - log_mass), 0.0)  # S / S_N
         b2 = -rho * g_hp * inv_t
-        nucleus = NucleusGrad(b2 * (log_s - log_mass + saved["hp"]), b2, saved, plan.shard)
+        nucleus = NucleusGrad(b2 * (log_s - log_mass + saved["hp"]), b2, saved, plan.shard,
+                              plan.temperature)
     return coef, nucleus
