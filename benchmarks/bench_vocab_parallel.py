@@ -26,6 +26,7 @@ Timings are measured in separate runs from memory (the profiler slows calls down
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -220,7 +221,8 @@ def measure(cfg, rank, dtype, device, group, peak_fn) -> dict:
     grad_bytes = logits.numel() * logits.element_size()
     memory = {n: peak_fn(c) - grad_bytes for n, c in calls.items()}
     big_chunk = peak_fn(lambda: fused(logits, targets, w, group, 4 * chunk)) - grad_bytes
-    result = {"seconds": times, "peak_extra_bytes": memory, "fused_peak_extra_bytes_4x_chunk": big_chunk,
+    result = {"seconds": times, "peak_extra_bytes": memory,
+              "fused_peak_extra_bytes_4x_chunk": big_chunk,
               "nucleus_fallback_rows": _fallback_rows(logits, group, chunk)}
     del logits
     flat, targets, w = make_inputs(cfg["tokens"], cfg["vocab"], cfg["tp"], rank, dtype, device,
@@ -264,11 +266,9 @@ def _fallback_rows(logits, group, chunk, top_p=0.8, top_k=1024):
 def run_cpu(cfg: dict) -> dict:
     import torch.multiprocessing as mp
 
-    from tests.harness import free_port
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_cpu_rank, args=(cfg["tp"], free_port(), cfg, out), nprocs=cfg["tp"], join=True)
+        mp.spawn(_cpu_rank, args=(cfg["tp"], _free_port(), cfg, out), nprocs=cfg["tp"], join=True)
         return torch.load(out)
 
 
@@ -289,10 +289,10 @@ def run_gpu(cfg: dict) -> dict:
     return result
 
 
-def _free_port():
-    from tests.harness import free_port
-
-    return free_port()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -303,8 +303,9 @@ def summarize(where: str, cfg: dict, r: dict) -> tuple[list[dict], dict]:
     t, mem = r["seconds"], r["peak_extra_bytes"]
     v_loc = cfg["vocab"] // cfg["tp"]
     chunk_bytes = min(cfg["chunk"], cfg["tokens"]) * v_loc * 4
-    rows = [{"where": where, "variant": n, "seconds": t[n], "vs_megatron_sep": t[n] / t["megatron_sep"],
-             "peak_extra_MiB": mem[n] / 2**20, "extra/(chunk*V_loc*4)": mem[n] / chunk_bytes}
+    rows = [{"where": where, "variant": n, "seconds": t[n],
+             "vs_megatron_sep": t[n] / t["megatron_sep"], "peak_extra_MiB": mem[n] / 2**20,
+             "extra/(chunk*V_loc*4)": mem[n] / chunk_bytes}
             for n in t]
     per_token_allowance = 256 * cfg["tokens"]  # the O(T) term: a few dozen [T] vectors
     checks = {
@@ -353,7 +354,8 @@ def main(argv=None) -> None:
         record[where] = {"config": c, "raw": r, "checks": checks}
     print_table(rows, "vocab-parallel log-prob + entropy, forward + backward")
     for where, rec in record.items():
-        print_table([{"check": k, "value": v} for k, v in rec["checks"].items()], f"targets: {where}")
+        checks = [{"check": k, "value": v} for k, v in rec["checks"].items()]
+        print_table(checks, f"targets: {where}")
     write_json(args.json, "bench_vocab_parallel", record)
 
 

@@ -114,7 +114,8 @@ def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
             _store(out, rows[done], res["member_key"][done], res["stats"][done],
                    sum_fixed_T[rows[done]], bits)
             pairs.append(_member_pairs(out, rows[done], res["ids"][done]))
-            for parts, keep in ((left, ~done & res["hopeful"]), (hopeless, ~done & ~res["hopeful"])):
+            for parts, keep in ((left, res["hopeful"]), (hopeless, ~res["hopeful"])):
+                keep = keep & ~done
                 parts.append((rows[keep], res["lo"][keep], res["hi"][keep]))
         pending, lo, hi = (torch.cat(t) for t in zip(*left))
         if pending.numel() == 0:  # the same on every rank: decided from gathered data
@@ -191,8 +192,9 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits,
         heaviest_left = torch.maximum(frontier, values[:, -1])
         bound = shift_into(heaviest_left.unsqueeze(1), max_G, temperature,
                            torch.empty_like(heaviest_left.unsqueeze(1))).exp_()
-        reach = cum[:, -1] + shard.size * k_next * (bound.squeeze(1) * float(2 ** bits)).long()
-        hopeful = reach >= threshold_G
+        # in float64: a heuristic, and an int64 product could overflow on tiny vocabs
+        reach = cum[:, -1].double() + shard.size * k_next * bound.squeeze(1).double() * 2.0 ** bits
+        hopeful = reach >= threshold_G.double()
     return dict(resolved=resolved, member_key=member_key, stats=stats, ids=ids, lo=lo,
                 hi=_key_above(frontier), hopeful=hopeful)
 

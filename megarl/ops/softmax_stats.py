@@ -2,8 +2,8 @@
 
 Nothing here communicates: the autograd Function in `token_stats.py` calls these per chunk
 and exchanges only the per-token results. Everything is float32 except the sums, and works
-in place on caller-owned buffers so that a chunk costs one float32 [C, V] buffer plus a
-sub-block temporary (`SUB_BLOCKS`), never a copy of the whole input.
+in place on caller-owned buffers so that a chunk costs one float32 [C, V] buffer plus
+sub-block temporaries (`SUB_BLOCKS`), never a copy of the whole input.
 
 All values are relative to the global row max M of the tempered logits: y = (x - M) / T <= 0,
 e = exp(y), S = sum e, so log p = y - log S.
@@ -125,9 +125,9 @@ def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, nucleus=Non
     Destroys y_CV. With y' = y - log S (= log p), the log-prob and entropy terms are
     p * (a1 + b1 * y') (spec 1.1, 1.2) plus the log-prob's one-hot; the per-row
     coefficients in `coef` carry the upstream weights and 1/T. Keys: "log_s", "a1",
-    optional "b1",
-    "clamp_rows" (chunk rows with -inf logits, a host list, where y' meets b1), optional
-    "target" = (local column, weight) (weight 0 where another shard owns the target).
+    optional "b1", "clamp_rows" (chunk rows with -inf logits, a host list, where y' meets
+    b1), optional "target" = (local column, weight) (weight 0 where another shard owns the
+    target).
     `nucleus` (a nucleus_grad.NucleusGrad) adds the nucleus entropy's term.
     """
     y_CV.sub_(coef["log_s"].unsqueeze(1))

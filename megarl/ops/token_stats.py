@@ -1,13 +1,15 @@
 """Vocab-parallel log-probs, entropy and nucleus entropy in one fused, memory-bounded pass.
 
 Forward, for logits sharded by vocab over the tensor-parallel group (spec section 1):
-  1. the row max of the raw logits, one MAX all-reduce;
+  1. the row max M of the raw logits: one MAX all-reduce;
   2. per token chunk: y = (x - M) / T in one float32 buffer, the target's y, sum e and
-     sum e * y; then one SUM all-reduce of the stacked per-token sums;
-  3. (nucleus only) per row block: local top-K candidates all-gathered, exact cutoff, and the
-     nucleus entropy from the candidates (see nucleus.py).
+     sum e * y (e = exp y; with a nucleus, sum e as exact fixed point); then one SUM
+     all-reduce of the stacked per-token sums;
+  3. (nucleus only) candidate rounds and, rarely, an exact search (nucleus.py), which
+     exchange at most K candidates or 256-bucket histograms per token.
 Backward recomputes y chunk by chunk from the saved input and per-token scalars and needs
-no communication. Extra memory is one float32 [chunk, V_loc] buffer plus 1/8 of that.
+no communication; the nucleus term touches only the members of N (nucleus_grad.py).
+Extra memory is one float32 [chunk, V_loc] buffer plus about 1/8 of that, and O(T).
 
 Shape legend: T tokens (all leading dims flattened), V_loc local shard width, V real local
 columns.
