@@ -631,7 +631,8 @@ def _rollout_for_config(cfg: MegarlConfig, plan: Plan) -> Optional[RolloutPlan]:
         return None
     servers = len(r.server_urls) or r.num_servers
     if r.server_urls:
-        where = "started elsewhere: " + ", ".join(r.server_urls)
+        more = f" ... {r.server_urls[-1]}" if len(r.server_urls) > 1 else ""
+        where = f"started elsewhere: {r.server_urls[0]}{more}"
     elif r.mode == "colocated":
         where = "the trainer's GPUs"
     else:
