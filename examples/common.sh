@@ -1,8 +1,10 @@
 # Helpers shared by the example launchers; sourced by them, never run on its own.
 #
-# The launchers set PYTHON and REPO before sourcing this. Every helper either finishes its job
-# or exits the launcher with a message naming the variable or path at fault.
+# Sourcing it sets REPO (this checkout) and PYTHON (default python3). Every helper either
+# finishes its job or exits the launcher with a message naming the variable or path at fault.
 
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
 # Run megarl from this checkout even when it is not pip-installed; exported so that commands
 # srun starts on other nodes (which source this file again) find the same python and code.
 export PYTHON REPO

@@ -9,8 +9,7 @@
 #   DRY_RUN=1 bash examples/qwen2.5-32b_dapo_klcov_4nodes.sh   # check only, no GPU
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(dirname "$HERE")"
-PYTHON="${PYTHON:-python3}"
+source "${HERE}/common.sh"  # REPO, PYTHON and the helpers
 HF_DIR="${HF_DIR:-${REPO}/checkpoints/Qwen2.5-32B}"
 MEGATRON_DIR="${MEGATRON_DIR:-${HF_DIR%/}_megatron}"
 DATA="${DATA:-${REPO}/data/dapo_math_17k.parquet}"
@@ -21,7 +20,6 @@ TRAIN_NODES="${TRAIN_NODES:-2}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 CONVERT_TIMEOUT_S="${CONVERT_TIMEOUT_S:-14400}"
-source "${HERE}/common.sh"
 
 rollout_nodes=$((NNODES - TRAIN_NODES))
 (( TRAIN_NODES >= 1 && rollout_nodes >= 1 )) || die "need 1 <= TRAIN_NODES < NNODES (got ${TRAIN_NODES} of ${NNODES})"

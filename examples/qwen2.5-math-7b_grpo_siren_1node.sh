@@ -7,15 +7,13 @@
 #   DRY_RUN=1 bash examples/qwen2.5-math-7b_grpo_siren_1node.sh   # check only, no GPU
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(dirname "$HERE")"
-PYTHON="${PYTHON:-python3}"
+source "${HERE}/common.sh"  # REPO, PYTHON and the helpers
 HF_DIR="${HF_DIR:-${REPO}/checkpoints/Qwen2.5-Math-7B}"
 MEGATRON_DIR="${MEGATRON_DIR:-${HF_DIR%/}_megatron}"
 DATA="${DATA:-${REPO}/data/openr1_math_46k.parquet}"
 OUT="${OUT:-${REPO}/runs/qwen2.5-math-7b_grpo_siren}"
 CONFIG="${CONFIG:-${HERE}/qwen2.5-math-7b_grpo_siren_1node.yaml}"
 TRAIN_GPUS="${TRAIN_GPUS:-4}"
-source "${HERE}/common.sh"
 
 overrides=("model.hf_dir=${HF_DIR}" "model.megatron_dir=${MEGATRON_DIR}"
            "data.train_files=[${DATA}]" "logging.output_dir=${OUT}" "$@")

@@ -18,8 +18,7 @@ if [[ ! -f "${HERE}/common.sh" ]]; then  # sbatch runs a copy of this file from 
     HERE="${SLURM_SUBMIT_DIR:-.}/examples"
     [[ -f "${HERE}/common.sh" ]] || { echo "submit from the megarl checkout's root" >&2; exit 2; }
 fi
-REPO="$(dirname "$HERE")"
-PYTHON="${PYTHON:-python3}"
+source "${HERE}/common.sh"  # REPO, PYTHON and the helpers
 HF_DIR="${HF_DIR:-${REPO}/checkpoints/Qwen3-32B}"
 MEGATRON_DIR="${MEGATRON_DIR:-${HF_DIR%/}_megatron}"
 DATA="${DATA:-${REPO}/data/math.parquet}"
@@ -28,7 +27,6 @@ CONFIG="${CONFIG:-${HERE}/qwen3-32b_aer_slurm.yaml}"
 ROLLOUT_NODES="${ROLLOUT_NODES:-2}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-source "${HERE}/common.sh"
 
 if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")

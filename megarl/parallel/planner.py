@@ -38,7 +38,15 @@ memory: the rank's weights twice (the reference and the swap backup, MegatronAct
 
 An SGLang server of TP = t holds 2 B x N / t of weights per GPU; its KV cache gets
 mem_fraction_static x GPU memory minus that, at 2 (K, V) x L x max(kv heads / t, 1) x
-head_dim x 2 B per token and GPU.
+head_dim x 2 B per token and GPU. GPU memory is in GiB (an "80GB" H100 has about 79.6 GiB;
+the margin covers the difference).
+
+Suggestions: the servers get the smallest TP whose weights fill at most half of the static
+pool, and (disaggregated) half of the nodes, or half of the GPUs of a single node; the trainer
+gets the smallest TP x PP that fits, TP within a node before PP across nodes, with full
+recomputation when needed. Colocated, the actor's weights, gradients and optimizer state stay
+on the GPU while the servers generate, so a server's weights and as much KV cache must fit
+beside them.
 """
 
 from __future__ import annotations
@@ -155,6 +163,8 @@ class Layout:
 
 @dataclass(kw_only=True)
 class MemoryItem:
+    """One line of the memory table: what, how many bytes, and the arithmetic behind them."""
+
     name: str
     bytes: float
     formula: str
@@ -644,6 +654,9 @@ def _rollout_for_config(cfg: MegarlConfig, plan: Plan) -> Optional[RolloutPlan]:
                 f"rollout.base_gpu_id={first}: servers on GPUs {first}-{last} collide with "
                 f"trainer local ranks 0-{local_ranks - 1} (local rank r uses GPU r) or pass "
                 f"GPU {plan.gpus_per_node - 1}; use GPUs {local_ranks}-{plan.gpus_per_node - 1}")
+    if plan.shape.num_attention_heads % r.server_tp:
+        plan.problems.append(f"rollout.server_tp={r.server_tp} does not divide the model's "
+                             f"{plan.shape.num_attention_heads} attention heads")
     fraction = r.mem_fraction_static
     if r.mode == "colocated":
         limit = _colocated_fraction(plan.memory, plan.gpu_memory_gib, plan.limit_bytes, [])
@@ -703,8 +716,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overrides of --config")
     parser.add_argument("--gpus", type=int, help="GPUs to plan for (servers + trainer)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-memory-gb", type=float, default=None,
-                        help="memory per GPU in GiB (default: this machine's GPU, else 80)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=DEFAULT_GPU_MEMORY_GIB,
+                        help="memory per GPU in GiB (80: H100/A100 80GB)")
     parser.add_argument("--margin", type=float, default=0.1,
                         help="share of GPU memory kept free (fragmentation)")
     parser.add_argument("--micro-batch-tokens", type=int, help="tokens per micro-batch (16384)")
@@ -741,6 +754,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace) -> Plan:
+    for flag, value, ok, valid in (
+            ("--gpu-memory-gb", args.gpu_memory_gb, args.gpu_memory_gb > 0, "> 0"),
+            ("--margin", args.margin, 0 <= args.margin < 1, "in [0, 1)"),
+            ("--gpus-per-node", args.gpus_per_node, args.gpus_per_node >= 1, ">= 1")):
+        if not ok:
+            raise PlanError(f"{flag} {value} is out of range: must be {valid}")
     if args.config is not None:
         given = [flag for flag in _SUGGESTION_FLAGS if getattr(args, flag) is not None]
         if given:
@@ -766,7 +785,7 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
         recompute=None if args.recompute in (None, "none") else args.recompute,
         kl_coef=args.kl_coef or 0.0)
     return suggest(name, shape, args.gpus, settings,
-                   gpu_memory_gib=args.gpu_memory_gb or DEFAULT_GPU_MEMORY_GIB,
+                   gpu_memory_gib=args.gpu_memory_gb,
                    gpus_per_node=args.gpus_per_node, mode=args.mode or "disaggregated",
                    rollout_gpus=args.rollout_gpus, server_tp=args.server_tp,
                    mem_fraction=args.mem_fraction_static or 0.8,

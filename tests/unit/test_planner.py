@@ -163,10 +163,14 @@ def test_print_plan_of_a_config(capsys):
         plan_for_config(_config(tp=8), 8, shape=QWEN7B, gpu_memory_gib=80)
 
 
-def test_servers_on_trainer_gpus_are_a_problem():
+def test_servers_on_trainer_gpus_or_splitting_heads_unevenly_are_problems():
     cfg = from_dict({"model": {"hf_dir": "/x"}, "rollout": {"num_servers": 4}})
     plan = plan_for_config(cfg, 4, shape=QWEN7B, gpu_memory_gib=80)
     assert not plan.fits and "rollout.base_gpu_id=0" in plan.problems[0]
+    cfg = from_dict({"model": {"hf_dir": "/x"}, "rollout": {"server_urls": ["http://a:1"],
+                                                          "server_tp": 8}})
+    plan = plan_for_config(cfg, 4, shape=QWEN7B, gpu_memory_gib=80)
+    assert plan.problems == ["rollout.server_tp=8 does not divide the model's 28 attention heads"]
 
 
 def test_cli_suggests_and_writes_json(tmp_path, capsys):
@@ -194,6 +198,8 @@ def test_cli_config_mode(tmp_path, capsys):
     assert "set algorithm.micro_batch_tokens" in capsys.readouterr().err
     assert main(args + ["--model", "qwen2.5-math-7b", "parallel.tpp=2"]) == 2
     assert "parallel.tpp: command line: unknown key" in capsys.readouterr().err
+    assert main(args + ["--model", "qwen2.5-math-7b", "--margin", "1.5"]) == 2
+    assert "--margin 1.5 is out of range: must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_cli_reads_an_hf_config_file(tmp_path, capsys):
