@@ -64,7 +64,8 @@ dry_run() {
     shift 4
     local shape=()
     [[ -f "${hf_dir}/config.json" ]] || shape=(--model "$model")
-    echo "DRY_RUN=1: checking ${config} for ${world_size} trainer ranks (nothing is converted or launched)"
+    echo "DRY_RUN=1: checking ${config} for ${world_size} trainer ranks" \
+        "(nothing is converted or launched)"
     "$PYTHON" -m megarl.cli plan --config "$config" --world-size "$world_size" \
         --gpu-memory-gb "${GPU_MEMORY_GB:-80}" "${shape[@]}" "$@"
 }
@@ -130,6 +131,7 @@ start_sglang_servers() {
             >"${logs}/$(hostname)_server_${i}.log" 2>&1 &
         SERVER_PIDS+=($!)
     done
-    echo "$(hostname): ${count} SGLang server(s) on ports ${port}-$((port + count - 1)), logs in ${logs}"
+    echo "$(hostname): ${count} SGLang server(s) on ports ${port}-$((port + count - 1))," \
+        "logs in ${logs}"
     wait "${SERVER_PIDS[@]}"
 }

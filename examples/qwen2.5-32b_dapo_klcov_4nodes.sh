@@ -22,13 +22,15 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 CONVERT_TIMEOUT_S="${CONVERT_TIMEOUT_S:-14400}"
 
 rollout_nodes=$((NNODES - TRAIN_NODES))
-(( TRAIN_NODES >= 1 && rollout_nodes >= 1 )) || die "need 1 <= TRAIN_NODES < NNODES (got ${TRAIN_NODES} of ${NNODES})"
+(( TRAIN_NODES >= 1 && rollout_nodes >= 1 )) ||
+    die "need 1 <= TRAIN_NODES < NNODES (got ${TRAIN_NODES} of ${NNODES})"
 if is_dry_run && [[ -z "${ROLLOUT_ADDRS:-}" ]]; then
     ROLLOUT_ADDRS="$(for ((i = 0; i < rollout_nodes; i++)); do echo "rollout-node-${i}"; done)"
 fi
 need ROLLOUT_ADDRS
 read -r -a rollout_addrs <<<"${ROLLOUT_ADDRS//$'\n'/ }"
-(( ${#rollout_addrs[@]} == rollout_nodes )) || die "ROLLOUT_ADDRS lists ${#rollout_addrs[@]} node(s); NNODES - TRAIN_NODES = ${rollout_nodes}"
+(( ${#rollout_addrs[@]} == rollout_nodes )) ||
+    die "ROLLOUT_ADDRS lists ${#rollout_addrs[@]} node(s); NNODES - TRAIN_NODES = ${rollout_nodes}"
 
 overrides=("model.hf_dir=${HF_DIR}" "model.megatron_dir=${MEGATRON_DIR}"
            "data.train_files=[${DATA}]" "logging.output_dir=${OUT}" "$@")

@@ -37,7 +37,8 @@ else
 fi
 rollout_hosts=("${nodes[@]:0:ROLLOUT_NODES}")
 train_hosts=("${nodes[@]:ROLLOUT_NODES}")
-(( ${#train_hosts[@]} >= 1 && ROLLOUT_NODES >= 1 )) || die "${#nodes[@]} node(s): need ROLLOUT_NODES (${ROLLOUT_NODES}) >= 1 and at least one trainer node"
+(( ${#train_hosts[@]} >= 1 && ROLLOUT_NODES >= 1 )) ||
+    die "${#nodes[@]} node(s): need ROLLOUT_NODES (${ROLLOUT_NODES}) >= 1 and a trainer node"
 
 overrides=("model.hf_dir=${HF_DIR}" "model.megatron_dir=${MEGATRON_DIR}"
            "data.train_files=[${DATA}]" "logging.output_dir=${OUT}" "$@")

@@ -703,6 +703,14 @@ _SUGGESTION_FLAGS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help=f"built-in shape: {', '.join(BUILTIN_MODELS)}")
@@ -711,25 +719,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--list-models", action="store_true", help="list the built-in shapes")
     parser.add_argument("--config", type=Path, help="plan this megarl YAML config (with "
                         "--world-size; without --model/--hf-* the shape comes from model.hf_dir)")
-    parser.add_argument("--world-size", type=int, help="trainer ranks of --config")
+    parser.add_argument("--world-size", type=positive_int, help="trainer ranks of --config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides of --config")
-    parser.add_argument("--gpus", type=int, help="GPUs to plan for (servers + trainer)")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus", type=positive_int, help="GPUs to plan for (servers + trainer)")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8,
+                        help="GPUs per node: TP stays within one (8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=DEFAULT_GPU_MEMORY_GIB,
                         help="memory per GPU in GiB (80: H100/A100 80GB)")
     parser.add_argument("--margin", type=float, default=0.1,
                         help="share of GPU memory kept free (fragmentation)")
-    parser.add_argument("--micro-batch-tokens", type=int, help="tokens per micro-batch (16384)")
-    parser.add_argument("--logits-chunk-tokens", type=int, help="tokens per logits chunk (4096)")
+    parser.add_argument("--micro-batch-tokens", type=positive_int,
+                        help="tokens per micro-batch (16384)")
+    parser.add_argument("--logits-chunk-tokens", type=positive_int,
+                        help="tokens per logits chunk (4096)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"))
     parser.add_argument("--recompute", choices=("none", "selective", "full"))
     parser.add_argument("--kl-coef", type=float, help="> 0 keeps a reference model in host memory")
     parser.add_argument("--mode", choices=("disaggregated", "colocated"))
-    parser.add_argument("--rollout-gpus", type=int, help="GPUs for servers (disaggregated)")
-    parser.add_argument("--server-tp", type=int, help="TP of each SGLang server")
+    parser.add_argument("--rollout-gpus", type=positive_int,
+                        help="GPUs for servers (disaggregated)")
+    parser.add_argument("--server-tp", type=positive_int, help="TP of each SGLang server")
     parser.add_argument("--mem-fraction-static", type=float, help="SGLang static share (0.8)")
-    parser.add_argument("--seq-len", type=int, help="prompt + response tokens (4096)")
+    parser.add_argument("--seq-len", type=positive_int, help="prompt + response tokens (4096)")
     parser.add_argument("--json", type=Path, help="also write the plan as JSON here")
 
 
@@ -754,12 +766,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plan_from_args(args: argparse.Namespace) -> Plan:
-    for flag, value, ok, valid in (
-            ("--gpu-memory-gb", args.gpu_memory_gb, args.gpu_memory_gb > 0, "> 0"),
-            ("--margin", args.margin, 0 <= args.margin < 1, "in [0, 1)"),
-            ("--gpus-per-node", args.gpus_per_node, args.gpus_per_node >= 1, ">= 1")):
-        if not ok:
-            raise PlanError(f"{flag} {value} is out of range: must be {valid}")
+    if not args.gpu_memory_gb > 0:
+        raise PlanError(f"--gpu-memory-gb {args.gpu_memory_gb} is out of range: must be > 0")
+    if not 0 <= args.margin < 1:
+        raise PlanError(f"--margin {args.margin} is out of range: must be in [0, 1)")
     if args.config is not None:
         given = [flag for flag in _SUGGESTION_FLAGS if getattr(args, flag) is not None]
         if given:
