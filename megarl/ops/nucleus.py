@@ -1,8 +1,8 @@
 """Exact distributed top-p nucleus and the entropy inside it (spec 1.4).
 
-Order and keys: see order.py. Masses are int64 fixed point (`softmax_stats.fixed_mass`):
-every cumulative sum is exact, so the nucleus does not depend on summation order or on the
-TP size.
+Order and keys: see order.py. Masses and sums are int64 fixed point (softmax_stats,
+order.member_sums): every cumulative sum is exact, so the nucleus, its entropy and its mass
+do not depend on summation order or on the TP size.
 
 Selection, per block of rows: each rank sends its local top-k (value, id) and its frontier
 (ids with values at or below it may be missing) to all; every rank sorts the merged
@@ -156,8 +156,8 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits,
     """One candidate round: each rank's local top-k, gathered, merged identically everywhere.
 
     Returns per row: resolved (the crossing is provably among the candidates), member_key
-    (members: key >= it), stats [G, 4] (sum_N e, sum_N e y, |N|, split), ids (candidates'
-    global ids in order: N is a prefix), for unresolved rows the search bounds lo, hi, and
+    (members: key >= it), stats [G, 4] int64 (sum_N e, sum_N e y in fixed point, |N|, split),
+    ids (candidates' global ids in order: N is a prefix), for unresolved rows the search bounds lo, hi, and
     hopeful: whether a round with k_next candidates per rank could reach p * S at all (every
     element not listed here weighs at most what the heavier of the frontier and the last
     candidate weigh). Every path is exact, so this only saves a futile round.
@@ -185,7 +185,7 @@ def _try_candidates(x_GV, max_G, threshold_G, k, shard, spec, temperature, bits,
     split = (size > 0) & (size < length) & (
         values.gather(1, after).squeeze(1) == values.gather(1, last).squeeze(1))
     member = torch.arange(length, device=keys.device) < size.unsqueeze(1)
-    stats = torch.stack([*member_sums(member, e, y), split.double()], dim=1)
+    stats = torch.stack([*member_sums(member, e, y, bits), split.long()], dim=1)
     lo = torch.where(found, keys.gather(1, at_cross).squeeze(1), MIN_KEY)
     hopeful = torch.zeros_like(found)
     if k_next is not None:
@@ -242,11 +242,13 @@ def _key_above(value: torch.Tensor) -> torch.Tensor:
 
 def _store(out: Nucleus, rows: torch.Tensor, member_key: torch.Tensor, stats: torch.Tensor,
            sum_fixed: torch.Tensor, bits: int) -> None:
-    s_n, u_n, size, split = stats.unbind(1)
+    unit = 2.0 ** -bits
+    s_n, u_n = stats[:, 0].double() * unit, stats[:, 1].double() * unit
+    size, split = stats[:, 2], stats[:, 3]
     nonempty = size > 0
     s_safe = torch.where(nonempty, s_n, 1.0)
     out.entropy[rows] = torch.where(nonempty, torch.log(s_safe) - u_n / s_safe, 0.0).float()
-    out.mass[rows] = (s_n / (sum_fixed.double() * 2.0 ** -bits)).float()
+    out.mass[rows] = (s_n / (sum_fixed.double() * unit)).float()
     out.size[rows] = size.float()
     out.log_mass[rows] = torch.log(s_n).float()
     out.split[rows] = split > 0

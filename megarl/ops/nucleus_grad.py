@@ -38,6 +38,12 @@ def membership(x_BV: torch.Tensor, cut_value_B: torch.Tensor, cut_local_B: torch
     return member
 
 
+def _term(y: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """exp(y') * (a2 + b2 * y'): one formula (no fused multiply-add) for sparse and dense rows,
+    so a row's gradient has the same bits whichever path its TP size sends it down."""
+    return torch.exp(y) * (a2 + b2 * y)
+
+
 class NucleusGrad:
     """The nucleus term of one backward call, handed out block by block."""
 
@@ -65,7 +71,7 @@ class NucleusGrad:
         r, c = self.rows[lo:hi] - row0, self.cols[lo:hi]
         g = r + row0
         v = y_BV[r, c] if y_BV is not None else self._y(x_BV[r, c], g)
-        sparse = (r, c, torch.exp(v) * (self.a2[g] + self.b2[g] * v))
+        sparse = (r, c, _term(v, self.a2[g], self.b2[g]))
         dense_rows = [d for d in self.dense if row0 <= d < row0 + rows]
         if not dense_rows:
             return sparse, None
@@ -74,7 +80,7 @@ class NucleusGrad:
         member = membership(x, self.cut_value[d], self.cut_local[d],
                             [i in self.split for i in dense_rows])
         y = y_BV[d - row0] if y_BV is not None else self._y(x, d.unsqueeze(1))
-        inside = torch.exp(y) * torch.addcmul(self.a2[d].unsqueeze(1), y, self.b2[d].unsqueeze(1))
+        inside = _term(y, self.a2[d].unsqueeze(1), self.b2[d].unsqueeze(1))
         return sparse, (d - row0, torch.where(member, inside, 0.0))  # where: y' = -inf outside N
 
     def _y(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

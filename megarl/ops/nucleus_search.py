@@ -35,8 +35,9 @@ def search(x_GV: torch.Tensor, max_G: torch.Tensor, threshold_G: torch.Tensor,
            temperature: float, bits: int, budget_bytes: int):
     """The nucleus of rows `x_GV` (raw logits, real local columns) given valid bounds.
 
-    Returns (member key: members are the elements with key >= it, [G, 4] float64 stats:
-    sum_N e, sum_N e * y, |N|, and how many elements tie with the cut value outside N).
+    Returns (member key: members are the elements with key >= it, [G, 4] int64 stats:
+    sum_N e, sum_N e * y in fixed point, |N|, and how many elements tie with the cut value
+    outside N).
     """
     rows, dev = x_GV.shape[0], x_GV.device
     cols = torch.arange(x_GV.shape[1], device=dev) + shard.start
@@ -50,7 +51,7 @@ def search(x_GV: torch.Tensor, max_G: torch.Tensor, threshold_G: torch.Tensor,
     group = max(1, max(budget_bytes, MIN_SEARCH_BUDGET)
                 // (_BYTES_PER_ELEMENT * max(1, shard.vocab_local)))
     member_key = torch.empty(rows, dtype=torch.int64, device=dev)
-    stats = torch.empty(rows, 4, dtype=torch.float64, device=dev)
+    stats = torch.empty(rows, 4, dtype=torch.int64, device=dev)
     for a in range(0, rows, group):
         sl = slice(a, min(a + group, rows))
         x = x_GV[sl]
@@ -63,7 +64,7 @@ def search(x_GV: torch.Tensor, max_G: torch.Tensor, threshold_G: torch.Tensor,
                            shard)
         key = crossing + (1 if rule == "exclusive" else 0)
         member_key[sl] = key
-        stats[sl] = shard.all_reduce_sum(first.above_sums() + _kept_sums(kept, key))
+        stats[sl] = shard.all_reduce_sum(first.above_sums(bits) + _kept_sums(kept, key, bits))
     return member_key, stats
 
 
@@ -104,14 +105,11 @@ class _FirstStep:
             out[name][row, pos] = values
         return out
 
-    def above_sums(self) -> torch.Tensor:
-        """[G, 4] sums over this rank's elements in buckets above the crossing bucket."""
+    def above_sums(self, bits: int) -> torch.Tensor:
+        """[G, 4] int64 sums over this rank's elements in buckets above the crossing bucket."""
         above = self.bucket > self.crossing
-        e_in = torch.where(above, self.e, 0.0)
-        ey_in = torch.where(above, self.e * self.y, 0.0)
-        count = above.sum(1).double()
-        return torch.stack([e_in.sum(1).double(), ey_in.sum(1).double(), count,
-                            torch.zeros_like(count)], 1)
+        s, u, count = member_sums(above, self.e, self.y, bits)
+        return torch.stack([s, u, count, torch.zeros_like(count)], 1)
 
 
 def _kept_bounds(keys, lo, hi, shard: VocabShard):
@@ -127,12 +125,12 @@ def _kept_bounds(keys, lo, hi, shard: VocabShard):
     return torch.maximum(lo, both[:, 0]), torch.minimum(hi, -both[:, 1])
 
 
-def _kept_sums(kept: dict, key: torch.Tensor) -> torch.Tensor:
-    """[G, 4] sums over the kept elements in N, and the kept ties with the cut left out."""
+def _kept_sums(kept: dict, key: torch.Tensor, bits: int) -> torch.Tensor:
+    """[G, 4] int64 sums over the kept elements in N, and the kept ties with the cut left out."""
     member = kept["keys"] >= key.unsqueeze(1)
     cut_value, _ = cut_of_key(key)
-    tie_outside = ((kept["x"] == cut_value.unsqueeze(1)) & ~member).sum(-1).double()
-    return torch.stack([*member_sums(member, kept["e"], kept["y"]), tie_outside], 1)
+    tie_outside = ((kept["x"] == cut_value.unsqueeze(1)) & ~member).sum(-1)
+    return torch.stack([*member_sums(member, kept["e"], kept["y"], bits), tie_outside], 1)
 
 
 def _narrow(keys, fixed, lo, hi, threshold, dropped_above, shard: VocabShard) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The total order of spec 1.4 as int64 keys, and sums over a nucleus' members.
+"""The total order of spec 1.4 as int64 keys, and exact sums over a nucleus' members.
 
 Order: probability descending, then smaller global id. Probabilities order exactly like the
 raw logits, so the order is taken on the raw values (never on rounded probabilities, which
@@ -34,9 +34,11 @@ def cut_of_key(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _value_of_ordered(keys >> ID_BITS), ID_MASK - (keys & ID_MASK)
 
 
-def member_sums(member: torch.Tensor, e: torch.Tensor, y: torch.Tensor):
-    """(sum_N e, sum_N e * y, |N|) per row (float64 results of float32 sums, which torch
-    takes pairwise); `where`, not a product: e * y is NaN at -inf logits outside N."""
-    e_in = torch.where(member, e, 0.0)
-    ey_in = torch.where(member, e * y, 0.0)
-    return e_in.sum(-1).double(), ey_in.sum(-1).double(), member.sum(-1).double()
+def member_sums(member: torch.Tensor, e: torch.Tensor, y: torch.Tensor, bits: int):
+    """(sum_N e, sum_N e * y, |N|) per row, int64, the sums in fixed point with `bits`
+    fraction bits: exact, so the same for any list length or TP size. `where`, not a
+    product: e * y is NaN at -inf logits outside N."""
+    scale = float(2 ** bits)
+    e_in = torch.where(member, (e * scale).long(), 0)
+    ey_in = torch.where(member, (e * y * scale).long(), 0)
+    return e_in.sum(-1), ey_in.sum(-1), member.sum(-1)

@@ -24,7 +24,8 @@ underflow (about -104) so exp() is still exactly 0, yet finite so 0 * NEG_FLOOR 
 
 
 def fixed_point_bits(real_vocab: int) -> int:
-    """Binary digits of the fixed-point masses: a whole row's sum stays below 2**62."""
+    """Binary digits of the fixed-point sums: a whole row's sum stays below 2**62 (e <= 1 and
+    |e * y| <= 1/e per element)."""
     return 62 - (real_vocab - 1).bit_length()
 
 
@@ -51,56 +52,59 @@ def target_values(y_CV: torch.Tensor, local_C: torch.Tensor, owned_C: torch.Tens
 
 
 def chunk_sums(y_CV: torch.Tensor, tmp_BV: torch.Tensor, sums_C: torch.Tensor,
-               u_C: torch.Tensor | None, *, fixed_bits: int | None, blockwise: bool) -> None:
-    """Per-row partial sums of one shard, written into `sums_C` and `u_C`.
+               u_C: torch.Tensor | None, bad_C: torch.Tensor | None, *, bits: int,
+               block: int) -> None:
+    """Per-row partial sums of one shard as exact int64 fixed point (`fixed_sum`).
 
-    sums = sum e in float64; or, when `fixed_bits` is given, the exact fixed-point mass
-    (int64): `fixed_mass` if `blockwise` (the shard starts on a MASS_BLOCK boundary), else
-    `element_fixed_mass`. u = sum e * y (float64, when `u_C` is given); it is NaN on rows
-    whose y holds -inf (0 * -inf), which `sum_e_y_clamped` recomputes once per call:
-    checking here would cost a device sync per block.
+    sums = sum e; u = sum e * y (when `u_C` is given). Exact integer sums do not depend on
+    the order or on how the vocab is split, so every output is the same for every TP size
+    (spec 1.4 asks it of the nucleus; here it holds for all statistics). Rows whose y holds
+    -inf make e * y = 0 * -inf = NaN: they are flagged in `bad_C` and recomputed once per
+    call (`fixed_sum_e_y_clamped`); checking here would cost a device sync per block.
     """
     for sl in row_blocks(y_CV.shape[0], tmp_BV.shape[0]):
         y = y_CV[sl]
         e = torch.exp(y, out=tmp_BV[: y.shape[0]])
-        if fixed_bits is None:
-            sums_C[sl] = e.sum(-1)
-        else:
-            sums_C[sl] = (fixed_mass if blockwise else element_fixed_mass)(e, fixed_bits)
+        sums_C[sl] = to_fixed(block_sums(e, block), bits)
         if u_C is not None:
-            u_C[sl] = e.mul_(y).sum(-1)
+            partial = block_sums(e.mul_(y), block)
+            bad = torch.isnan(partial)
+            bad_C[sl] = bad.any(-1)
+            u_C[sl] = to_fixed(partial.masked_fill_(bad, 0.0), bits)
 
 
 MASS_BLOCK = 128
-"""Ids per block of the exact mass sum; shards must start on a block boundary."""
+"""Ids per block of the exact sums when a shard's width is a multiple of it (Megatron pads the
+vocab to 128 x TP); otherwise every element is its own block (exact too, but slower)."""
 
 
-def fixed_mass(e_BV: torch.Tensor, bits: int) -> torch.Tensor:
-    """sum e per row as int64 fixed point, the same bits for every TP size and device.
+def mass_block(vocab_local: int) -> int:
+    """The block size `fixed_sum` can use for shards of this width."""
+    return MASS_BLOCK if vocab_local % MASS_BLOCK == 0 else 1
 
-    The vocab is cut into blocks of MASS_BLOCK consecutive global ids; a block's float32 sum
-    is taken by an explicit pairwise tree of elementwise adds (IEEE-exact, so independent of
-    reduction kernels and shapes), scaled by 2**bits (exact) and truncated to int64, and the
-    blocks are added as integers (exact in any order). The blocks must start at this
-    shard's first column, i.e. the shard width is a multiple of MASS_BLOCK (Megatron pads
-    the vocab to 128 x TP); otherwise use `element_fixed_mass`.
+
+def block_sums(v_BV: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 sums over consecutive column blocks (the last one zero-padded).
+
+    Blocks start at the shard's first column, i.e. at multiples of `block` in global ids,
+    and each is summed by an explicit pairwise tree of elementwise adds: IEEE-exact, so the
+    same bits for every shape, TP size and device. Block 1: the values themselves.
     """
-    rows, n = e_BV.shape
-    scale = float(2 ** bits)
-    full = n // MASS_BLOCK * MASS_BLOCK
-    total = torch.zeros(rows, dtype=torch.int64, device=e_BV.device)
-    if full:
-        total += _tree_sum(e_BV[:, :full].unflatten(1, (-1, MASS_BLOCK))).mul_(scale).long().sum(-1)
-    if full < n:  # the real vocab ends inside this block: pad it with zero mass
-        tail = e_BV.new_zeros(rows, MASS_BLOCK)
-        tail[:, : n - full] = e_BV[:, full:]
-        total += _tree_sum(tail).mul_(scale).long()
-    return total
+    if block == 1:
+        return v_BV
+    rows, n = v_BV.shape
+    full = n // block * block
+    parts = [_tree_sum(v_BV[:, :full].unflatten(1, (-1, block)))] if full else []
+    if full < n:  # the real vocab ends inside this block
+        tail = v_BV.new_zeros(rows, block)
+        tail[:, : n - full] = v_BV[:, full:]
+        parts.append(_tree_sum(tail).unsqueeze(1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def element_fixed_mass(e_BV: torch.Tensor, bits: int) -> torch.Tensor:
-    """sum e per row as int64 fixed point with every element truncated on its own."""
-    return torch.sum(e_BV * float(2 ** bits), -1, dtype=torch.int64)
+def to_fixed(blocks_BN: torch.Tensor, bits: int) -> torch.Tensor:
+    """Sum per row of the blocks, each scaled by 2**bits (exact) and truncated to int64."""
+    return (blocks_BN * float(2 ** bits)).long().sum(-1)
 
 
 def _tree_sum(v: torch.Tensor) -> torch.Tensor:
@@ -112,10 +116,10 @@ def _tree_sum(v: torch.Tensor) -> torch.Tensor:
     return v.squeeze(-1)
 
 
-def sum_e_y_clamped(y_BV: torch.Tensor) -> torch.Tensor:
-    """sum e * y per row with -inf entries counted as 0 (float64)."""
+def fixed_sum_e_y_clamped(y_BV: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """sum e * y per row as in `chunk_sums`, with -inf entries counted as 0."""
     y = y_BV.clamp(min=NEG_FLOOR)
-    return (torch.exp(y) * y).sum(-1).double()
+    return to_fixed(block_sums(torch.exp(y) * y, block), bits)
 
 
 def chunk_grad(y_CV: torch.Tensor, out_CV: torch.Tensor, coef: dict, nucleus=None, *,

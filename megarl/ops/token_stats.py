@@ -66,12 +66,12 @@ class _Plan:
     nucleus: nuc.NucleusSpec | None
 
     @property
-    def fixed_bits(self) -> int | None:
-        return sm.fixed_point_bits(self.shard.real_vocab) if self.nucleus else None
+    def bits(self) -> int:
+        return sm.fixed_point_bits(self.shard.real_vocab)
 
     @property
-    def blockwise_mass(self) -> bool:
-        return self.shard.vocab_local % sm.MASS_BLOCK == 0
+    def block(self) -> int:
+        return sm.mass_block(self.shard.vocab_local)
 
     @property
     def sub_rows(self) -> int:
@@ -197,9 +197,9 @@ def _forward(x_TV: torch.Tensor, targets, plan: _Plan) -> dict:
     shard.all_reduce_max(row_max)
 
     want_u = plan.entropy
-    fixed = plan.fixed_bits
-    sums = torch.zeros(num_rows, dtype=torch.int64 if fixed else torch.float64, device=dev)
-    u = torch.zeros(num_rows, dtype=torch.float64, device=dev) if want_u else None
+    sums = torch.zeros(num_rows, dtype=torch.int64, device=dev)
+    u = torch.zeros(num_rows, dtype=torch.int64, device=dev) if want_u else None
+    bad = torch.zeros(num_rows, dtype=torch.bool, device=dev) if want_u else None
     z_target = torch.zeros(num_rows, dtype=torch.float64, device=dev)
     if plan.log_probs:
         local, owned = _targets_local(targets, shard)
@@ -211,55 +211,46 @@ def _forward(x_TV: torch.Tensor, targets, plan: _Plan) -> dict:
             y = sm.shift_into(x[sl], row_max[sl], plan.temperature, buf[: sl.stop - sl.start])
             if plan.log_probs:
                 z_target[sl] = sm.target_values(y, local[sl], owned[sl])
-            sm.chunk_sums(y, tmp, sums[sl], None if u is None else u[sl], fixed_bits=fixed,
-                          blockwise=plan.blockwise_mass)
+            sm.chunk_sums(y, tmp, sums[sl], None if u is None else u[sl],
+                          None if bad is None else bad[sl], bits=plan.bits, block=plan.block)
         del buf, tmp
-    clamp = _fix_neg_inf(x, row_max, plan.temperature, u) if want_u else None
+    if want_u:
+        _fix_neg_inf(x, row_max, u, bad, plan)
+    # int64 sums travel as two exact float64 halves, so that one float64 SUM carries all
     stacked = [z_target] if plan.log_probs else []
-    if u is not None:
-        stacked.append(u)
-    if fixed:
-        # two exact float64 halves, so one float64 SUM carries the int64 sums exactly
-        stacked += [(sums >> 31).double(), (sums & ((1 << 31) - 1)).double()]
-    else:
-        stacked.append(sums)
+    for exact in (sums,) if u is None else (sums, u):
+        stacked += [(exact >> 31).double(), (exact & ((1 << 31) - 1)).double()]
     totals = shard.all_reduce_sum(torch.stack(stacked, dim=1)).unbind(1)
-    return _finish_forward(x, targets, row_max, totals, clamp, plan)
+    return _finish_forward(x, targets, row_max, totals, bad, plan)
 
 
-def _fix_neg_inf(x, row_max, temperature, u):
-    """Recompute sum e * y on rows that met 0 * -inf; return those rows' mask (for backward)."""
-    bad = torch.isnan(u)
+def _fix_neg_inf(x, row_max, u, bad, plan: _Plan) -> None:
+    """Recompute sum e * y on the rows that met 0 * -inf (flagged in `bad`)."""
     rows = bad.nonzero().squeeze(1)
     if rows.numel():
-        y = sm.shift_into(x[rows], row_max[rows], temperature,
+        y = sm.shift_into(x[rows], row_max[rows], plan.temperature,
                           torch.empty(rows.numel(), x.shape[1], device=x.device))
-        u[rows] = sm.sum_e_y_clamped(y)
-    return bad
+        u[rows] = sm.fixed_sum_e_y_clamped(y, plan.bits, plan.block)
 
 
 def _finish_forward(x, targets, row_max, totals, clamp, plan: _Plan) -> dict:
     it = iter(totals)
     z_target = next(it) if plan.log_probs else None
-    u = next(it) if plan.entropy else None
-    if plan.fixed_bits:
-        hi, lo = next(it).long(), next(it).long()
-        sum_fixed = (hi << 31) + lo
-        total = sum_fixed.double() * 2.0 ** -plan.fixed_bits
-    else:
-        total = next(it)
+    exact = [(next(it).long() << 31) + next(it).long() for _ in range(1 + plan.entropy)]
+    sum_fixed, unit = exact[0], 2.0 ** -plan.bits
+    total = sum_fixed.double() * unit
     log_s = torch.log(total)
     out = {"row_max": row_max, "log_s": log_s.float(), "clamp": clamp}
     if plan.log_probs:
         valid = (targets >= 0) & (targets < plan.shard.real_vocab)
         out["log_probs"] = torch.where(valid, z_target - log_s, float("-inf")).float()
     if plan.entropy:
-        out["entropy"] = (log_s - u / total).float()
+        out["entropy"] = (log_s - exact[1].double() * unit / total).float()
         out["h"] = out["entropy"].clone()
     if plan.nucleus:
         budget = plan.chunk_size * plan.shard.vocab_local * 4
         n = nuc.select(x, row_max, sum_fixed, plan.shard, plan.nucleus,
-                       temperature=plan.temperature, bits=plan.fixed_bits, budget_bytes=budget)
+                       temperature=plan.temperature, bits=plan.bits, budget_bytes=budget)
         out.update(nucleus_entropy=n.entropy, nucleus_mass=n.mass, nucleus_size=n.size,
                    hp=n.entropy.clone(), hp_size=n.size.clone(), hp_log_mass=n.log_mass,
                    cut_value=n.cut_value, cut_id=n.cut_id, split=n.split, dense=n.dense,
