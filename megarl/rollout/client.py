@@ -80,6 +80,13 @@ class AsyncRolloutClient:
         self._ids = itertools.count()
         self._prefix = f"megarl-{uuid.uuid4().hex[:8]}"
 
+    def set_urls(self, urls: Sequence[str]) -> None:
+        """Send new requests to these URLs from now on (servers taken out of or put back into
+        rotation when there is no router); requests in flight finish where they are."""
+        if not urls:
+            raise ValueError("AsyncRolloutClient needs at least one URL")
+        self.urls = [u.rstrip("/") for u in urls]
+
     def _ensure_open(self) -> None:
         if self._session is None:
             self._session = new_session()
@@ -185,6 +192,10 @@ class RolloutClient:
     @property
     def stats(self) -> ClientStats:
         return self._client.stats
+
+    def set_urls(self, urls: Sequence[str]) -> None:
+        """See `AsyncRolloutClient.set_urls` (call between batches; a list swap is atomic)."""
+        self._client.set_urls(urls)
 
     def generate_batch(self, prompts_token_ids: Sequence[Sequence[int]],
                        sampling: SamplingParams) -> list[Response]:

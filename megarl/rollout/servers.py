@@ -14,6 +14,13 @@ is stopped by terminating the whole group, then killing it after a grace period.
 for /health (and, for the router, for all workers to be healthy) with one deadline; a process
 that exits, or a server that is not healthy by the deadline, fails with the server, the reason
 and the tail of its log.
+
+During a run (`check`, `ready_to_return`, `return_to_rotation`): a server that fails its health
+check is taken out of rotation (removed from the router with sglang-router's worker API,
+`DELETE /workers/{id}`, or dropped from `generate_urls` without a router) and, when megarl
+started it, restarted on the same port. It serves again only after the caller has sent it the
+current weights and calls `return_to_rotation` (`POST /workers`): until then the router cannot
+route to it, though its health checks would find it up again.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import Any, Callable, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25
+_ROUTER_TIMEOUT_S = 30.0
+_MAX_FAILED_RESTARTS = 3
 _live: "set[ManagedProcess]" = set()
 
 
@@ -183,8 +192,17 @@ def _stop_leftovers() -> None:
 
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, str]:
     """A plain GET for health checks (no event loop needed). Raises OSError when unreachable."""
+    return http_request("GET", url, timeout_s=timeout_s)
+
+
+def http_request(method: str, url: str, body: Any = None,
+                 timeout_s: float = 5.0) -> tuple[int, str]:
+    """(status, text) of one HTTP call with an optional JSON body; OSError when unreachable."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
@@ -245,10 +263,22 @@ class RolloutServers:
         self.server_urls: list[str] = [u.rstrip("/") for u in rollout.server_urls]
         self.router_url: Optional[str] = (rollout.router_url.rstrip("/") if rollout.router_url
                                           else None)
+        self.out_of_rotation: dict[str, float] = {}
+        """Servers taken out of rotation -> when a restarted one must be healthy (monotonic)."""
+        self.num_restarts = 0
+        self._failed_restarts: dict[str, int] = {}
 
     @property
     def generate_urls(self) -> list[str]:
-        return [self.router_url] if self.router_url else list(self.server_urls)
+        """Where generation requests go: the router, or the servers in rotation (all of them
+        when none is: the client then fails on them with a clear error)."""
+        if self.router_url:
+            return [self.router_url]
+        return self.in_rotation or list(self.server_urls)
+
+    @property
+    def in_rotation(self) -> list[str]:
+        return [u for u in self.server_urls if u not in self.out_of_rotation]
 
     def __enter__(self) -> "RolloutServers":
         return self.start()
@@ -309,11 +339,14 @@ class RolloutServers:
         self.router = ManagedProcess("sglang-router", cmd, self.log_dir / "router.log").start()
         self.router_url = f"http://{_url_host(cfg.host)}:{port}"
 
-    def health(self) -> dict[str, str]:
+    def _process_of(self, url: str) -> Optional[ManagedProcess]:
+        return self.servers[self.server_urls.index(url)] if self.servers else None
+
+    def health(self, urls: Optional[Sequence[str]] = None) -> dict[str, str]:
         """'ok' or what is wrong, per server URL (exit codes of servers megarl started)."""
         report = {}
-        for i, url in enumerate(self.server_urls):
-            proc = self.servers[i] if self.servers else None
+        for url in self.server_urls if urls is None else urls:
+            proc = self._process_of(url)
             if proc is not None and proc.exit_code() is not None:
                 report[url] = f"exited with code {proc.exit_code()} (log {proc.log_path})"
                 continue
@@ -332,6 +365,103 @@ class RolloutServers:
             logger.warning("rollout server %s is down: %s; its requests went to the others",
                            url, state)
         return problems
+
+    # --- rotation: failed servers out, restarted, back once they hold the current weights ----
+
+    def check(self) -> dict[str, str]:
+        """Take every server in rotation that is not healthy out of rotation (router first) and
+        restart it when megarl started it; returns {url: what was wrong} of those."""
+        problems = {url: state for url, state in self.health(self.in_rotation).items()
+                    if state != "ok"}
+        for url, state in problems.items():
+            logger.warning("rollout server %s is down: %s; taking it out of rotation", url, state)
+            self._remove_from_router(url)
+            self.out_of_rotation[url] = 0.0
+            self._restart(url)
+        return problems
+
+    def _restart(self, url: str) -> None:
+        proc = self._process_of(url)
+        if proc is None:  # started elsewhere: it returns when it is healthy again
+            return
+        proc.stop(grace_s=5.0)
+        proc.start()
+        self.num_restarts += 1
+        self.out_of_rotation[url] = time.monotonic() + self.cfg.health_timeout_s
+        logger.warning("restarted %s at %s (log %s)", proc.name, url, proc.log_path)
+
+    def ready_to_return(self) -> list[str]:
+        """Servers out of rotation that are healthy again; restarted ones are waited for until
+        their deadline (rollout.health_timeout_s after the restart). One that is not up by then
+        is restarted again, at most 3 times in a row; after that it stays out."""
+        ready = []
+        for url, deadline in list(self.out_of_rotation.items()):
+            proc = self._process_of(url)
+            if proc is None:
+                if self.health([url])[url] == "ok":
+                    ready.append(url)
+                continue
+            if self._failed_restarts.get(url, 0) >= _MAX_FAILED_RESTARTS:
+                continue
+            try:
+                wait_healthy(url, deadline=deadline, process=proc, what=f"restarted {proc.name}")
+                ready.append(url)
+            except ServerStartupError as exc:
+                self._failed_restarts[url] = self._failed_restarts.get(url, 0) + 1
+                logger.error("%s", exc)
+                if self._failed_restarts[url] < _MAX_FAILED_RESTARTS:
+                    self._restart(url)
+                else:
+                    logger.error("giving up on %s after %d failed restarts", url,
+                                 _MAX_FAILED_RESTARTS)
+        return ready
+
+    def return_to_rotation(self, urls: Sequence[str]) -> None:
+        """Serve from these servers again (call once they hold the current weights)."""
+        for url in urls:
+            self._add_to_router(url)
+            self.out_of_rotation.pop(url, None)
+            self._failed_restarts.pop(url, None)
+            logger.info("rollout server %s is back in rotation", url)
+
+    def router_workers(self) -> dict[str, dict]:
+        """The router's workers by URL (sglang-router's `GET /workers`)."""
+        status, body = http_get(self.router_url + "/workers", timeout_s=10.0)
+        if status != 200:
+            raise OSError(f"GET {self.router_url}/workers: HTTP {status} {body[:200]!r}")
+        return {w["url"].rstrip("/"): w for w in json.loads(body)["workers"]}
+
+    def _remove_from_router(self, url: str) -> None:
+        if not self.router_url:
+            return
+        try:
+            worker = self.router_workers().get(url)
+            if worker is not None:
+                http_request("DELETE", f"{self.router_url}/workers/{worker['id']}")
+            self._wait_router(lambda workers: url not in workers)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("could not remove %s from the router %s (%s): it may still route "
+                         "requests there", url, self.router_url, exc)
+
+    def _add_to_router(self, url: str) -> None:
+        if not self.router_url:
+            return
+        try:
+            status, body = http_request("POST", self.router_url + "/workers", {"url": url})
+            if status >= 300:
+                raise OSError(f"HTTP {status} {body[:200]!r}")
+            self._wait_router(lambda workers: workers.get(url, {}).get("is_healthy", False))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("could not add %s back to the router %s (%s): it will get no "
+                         "requests", url, self.router_url, exc)
+
+    def _wait_router(self, done: Callable[[dict], bool]) -> None:
+        """The router applies worker changes in the background: poll until `done(workers)`."""
+        deadline = time.monotonic() + _ROUTER_TIMEOUT_S
+        while not done(self.router_workers()):
+            if time.monotonic() > deadline:
+                raise OSError(f"the router did not apply the change within {_ROUTER_TIMEOUT_S:g} s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """Stop what megarl started (router first); servers started elsewhere are left alone."""

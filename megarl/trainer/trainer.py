@@ -7,6 +7,13 @@ Who does what:
   generates, scores, records, evaluates, logs, and joins the servers' weight-update group;
 - the rollout batch reaches every TP/PP/DP rank by one broadcast of plain lists from rank 0;
   each rank then builds the same samples and the same deterministic micro-batch plan.
+
+Faults (rank 0, broadcast weight sync): after each rollout and before each sync the servers'
+health is checked; a failed server is taken out of rotation and restarted when megarl started
+it (`RolloutServers.check`). The next sync waits for it, rebuilds the weight-update group with
+it, sends every server the new weights, and only then puts it back into rotation, so it never
+serves stale weights. A stop signal (SIGTERM, SIGINT) finishes the current step, checkpoints
+and returns; a second SIGINT stops at once, repeated SIGTERMs (launchers forward them) do not.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from megarl.metrics import PhaseTimer, TrainingMonitor
 from megarl.models.hf import shape_from_hf_dir
 from megarl.parallel import init_distributed, teardown
 from megarl.rollout.batch import RolloutBatch
+from megarl.sync.base import make_weight_sync
 from megarl.trainer import experience
 from megarl.trainer.checkpoint import Checkpointer
 
@@ -63,6 +71,8 @@ class Trainer:
             self.actor.snapshot_reference()
         self.checkpointer = Checkpointer(cfg, self.ctx, self.output_dir)
         self.servers = self.client = self.sampler = self.scorer = None
+        self._sync_members: list[str] = []
+        self._first_log = True
         if self.is_driver and cfg.trainer.replay_dir is None:
             self._start_rollout()
         self.start_step = self.checkpointer.resume(self) + 1
@@ -102,15 +112,15 @@ class Trainer:
                                       log_dir=str(self.output_dir / "logs")).start()
         self.client = RolloutClient.from_config(cfg.rollout, self.servers.generate_urls)
 
-    def _connect_sync(self):
-        from megarl.sync import make_weight_sync
-
+    def _connect_sync(self, urls: Optional[list[str]] = None):
         if self.cfg.trainer.replay_dir is not None:
             return None
-        urls = experience.broadcast_object(self.servers.server_urls if self.is_driver else None)
+        if urls is None:
+            urls = experience.broadcast_object(self.servers.server_urls if self.is_driver else None)
         sync = make_weight_sync(self.cfg.sync, urls, rank=self.ctx.rank,
                                 server_tp=self.cfg.rollout.server_tp)
         sync.connect()
+        self._sync_members = list(urls)
         return sync
 
     # --- the named calls of the loop -----------------------------------------------------------
@@ -137,6 +147,7 @@ class Trainer:
                     algorithm=self.cfg.algorithm)
                 if self.cfg.trainer.record_rollouts:
                     experience.record(batch, self.output_dir / "rollouts", step)
+                self._check_servers()
         return experience.broadcast_object(batch)
 
     def log_probs(self, batch: RolloutBatch, step: int) -> IterationPlan:
@@ -160,8 +171,12 @@ class Trainer:
         """Send the new weights to every server (every rank takes part in the export)."""
         if self.sync is None:
             return {}
+        returning = self._resync_members() if self.is_driver else []
         stats = self.sync.update(export_hf_weights(self.actor.model, self.shape, self.ctx),
                                  version=str(step))
+        if returning:
+            self.servers.return_to_rotation(returning)
+            self.client.set_urls(self.servers.generate_urls)
         return {f"sync/{k}": float(v) for k, v in stats.as_dict().items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)} if self.is_driver else {}
 
@@ -173,9 +188,11 @@ class Trainer:
                                                      batch.response_token_ids))
         metrics["throughput/tokens_per_s"] = tokens / step_time if step_time > 0 else 0.0
         metrics["trainer/skipped_steps"] = float(self.actor.num_skipped_steps)
+        metrics |= self._fault_metrics()
         self.timer.reset()
-        self._check_nonfinite(trained)
-        return self.monitor.step(step, metrics)
+        logged = self.monitor.step(step, metrics)   # logged first: the record shows the skip
+        self._check_nonfinite()
+        return logged
 
     def evaluate(self, step: int) -> None:
         interval = self.cfg.eval.interval
@@ -195,7 +212,52 @@ class Trainer:
 
     # --- reliability ---------------------------------------------------------------------------
 
-    def _check_nonfinite(self, trained: dict[str, float]) -> None:
+    def _fault_metrics(self) -> dict[str, float]:
+        """Server rotation and (on the first step this process logs) bad dataset rows."""
+        out: dict[str, float] = {}
+        if self.servers is not None:
+            out["servers/num_in_rotation"] = float(len(self.servers.in_rotation))
+            out["servers/num_restarts"] = float(self.servers.num_restarts)
+        if self._first_log and self.sampler is not None:
+            stats = self.sampler.dataset.stats
+            out |= {"data/num_rows": float(stats.num_rows),
+                    "data/num_malformed_rows": float(stats.num_malformed),
+                    "data/num_too_long_rows": float(stats.num_too_long)}
+        self._first_log = False
+        return out
+
+    def _check_servers(self) -> None:
+        """Rank 0: take failed servers out of rotation (and restart them); with the colocated
+        transport the servers share the trainer's GPUs and are only reported."""
+        if self.servers is None:
+            return
+        if self.cfg.sync.transport != "broadcast":
+            self.servers.report_unhealthy()
+            return
+        if self.servers.check():
+            self.client.set_urls(self.servers.generate_urls)
+
+    def _resync_members(self) -> list[str]:
+        """Rank 0, before a sync: the servers back from a restart, which this sync brings up to
+        date; when the servers changed (one left, or a restarted process, which is in no group,
+        came back), the weight-update group is rebuilt over them."""
+        if self.servers is None or self.cfg.sync.transport != "broadcast":
+            return []
+        self._check_servers()
+        returning = self.servers.ready_to_return()
+        members = [u for u in self.servers.server_urls
+                   if u in self.servers.in_rotation or u in returning]
+        if not members:
+            raise RuntimeError("no rollout server is healthy and none could be restarted; "
+                               f"see the server logs in {self.servers.log_dir}")
+        if returning or members != self._sync_members:
+            logger.warning("weight-update group rebuilt over %d servers: %s", len(members),
+                           ", ".join(members))
+            self.sync.close()
+            self.sync = self._connect_sync(members)
+        return returning
+
+    def _check_nonfinite(self) -> None:
         limit = self.cfg.trainer.max_nonfinite_steps
         run = self.actor.consecutive_skipped_steps
         if run >= limit:
@@ -206,9 +268,14 @@ class Trainer:
             )
 
     def _request_stop(self, signum, frame) -> None:
-        if self._stop:  # a second signal: stop now
-            signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
+        if self._stop:
+            if signum == signal.SIGINT:  # Ctrl-C twice: a person wants out now
+                signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt
+            # torchrun forwards the SIGTERM that Slurm also sends to every task: not a reason
+            # to lose the step; the scheduler's SIGKILL ends the run if it must.
+            logger.warning("received SIGTERM again: still finishing the step")
+            return
         self._stop = True
         logger.warning("received %s: finishing this step, checkpointing, then exiting",
                        signal.Signals(signum).name)
