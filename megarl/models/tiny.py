@@ -64,3 +64,39 @@ def save_random_hf_checkpoint(config, out_dir: str | Path, seed: int = 0,
     model = random_hf_model(config, seed, dtype)
     model.save_pretrained(out_dir)
     return model
+
+
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer(alphabet: str | None = None):
+    """A character-level fast tokenizer with Qwen-style chat tokens and a chat template.
+
+    Ids: the three special tokens (pad `<|endoftext|>` = 0, `<|im_start|>`, eos `<|im_end|>`),
+    then one id per character of `alphabet` (printable ASCII by default), then `<unk>`.
+    Built locally, so tests and the CPU demo never need a model hub.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = alphabet if alphabet is not None else "".join(
+        c for c in string.printable if c not in "\x0b\x0c")
+    vocab = {tok: i for i, tok in enumerate(CHAT_SPECIAL_TOKENS)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    vocab["<unk>"] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", additional_special_tokens=list(CHAT_SPECIAL_TOKENS[1:]),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

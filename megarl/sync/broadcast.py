@@ -147,7 +147,7 @@ class BroadcastWeightSync(WeightSync):
         if fingerprints is not None:
             verify_servers(self.admin, self.infos, fingerprints)
             stats.verified = True
-        logger.info("weight sync %s: %d tensors, %.1f MB in %d buckets, %.2f s (%.2f GB/s)",
+        logger.debug("weight sync %s: %d tensors, %.1f MB in %d buckets, %.2f s (%.2f GB/s)",
                     stats.version, stats.num_tensors, stats.num_bytes / 2**20, stats.num_buckets,
                     stats.seconds, stats.gbytes_per_s)
         return stats
