@@ -8,10 +8,13 @@ import pytest
 
 from megarl.cli import main
 from megarl.config import ConfigError, from_dict
-from megarl.parallel import planner
+from megarl.parallel import memory, planner
+from megarl.parallel.memory import (
+    GIB, Layout, PlanError, TrainSettings, builtin_shape, estimate_memory, estimate_rollout,
+    stage_parameters,
+)
 from megarl.parallel.planner import (
-    GIB, Layout, PlanError, TrainSettings, builtin_shape, candidate_layouts, estimate_memory,
-    estimate_rollout, fitting_layout, plan_for_config, print_plan, stage_parameters, suggest,
+    candidate_layouts, fitting_layout, plan_for_config, print_plan, suggest,
 )
 
 QWEN7B = builtin_shape("qwen2.5-math-7b")
@@ -75,15 +78,15 @@ def test_pipeline_stages_and_interleaving():
     assert stage_parameters(QWEN32B, layout) == {"first": 32 * layer + emb,
                                                   "last": 32 * layer + emb + 5120}
     per_layer = 2 * (4 * 5120 + 2 * 5120 + 2 * 1024 + 3 * 27648) / 8 * 16384
-    first = planner.activation_bytes(QWEN32B, layout, TrainSettings(), first_stage=True)[0]
-    last = planner.activation_bytes(QWEN32B, layout, TrainSettings(), first_stage=False)[0]
+    first = memory.activation_bytes(QWEN32B, layout, TrainSettings(), first_stage=True)[0]
+    last = memory.activation_bytes(QWEN32B, layout, TrainSettings(), first_stage=False)[0]
     assert first == 64 * per_layer   # 1F1B: PP = 2 micro-batches of 32 layers
     assert last == 32 * per_layer
     interleaved = Layout(tp=8, pp=2, vpp=2, dp=1, sequence_parallel=True)
-    assert planner.activation_bytes(QWEN32B, interleaved, TrainSettings(), True)[0] \
+    assert memory.activation_bytes(QWEN32B, interleaved, TrainSettings(), True)[0] \
         == 64 * (1 + 1 / 4) * per_layer
-    memory = estimate_memory(QWEN32B, layout, TrainSettings())
-    assert memory.stage == "first"   # 64 layers of activations outweigh the logits
+    estimate = estimate_memory(QWEN32B, layout, TrainSettings())
+    assert estimate.stage == "first"   # 64 layers of activations outweigh the logits
 
 
 @pytest.mark.parametrize("settings, per_param", [
