@@ -56,7 +56,10 @@ def _config(hf_dir, tp, pp, dp, *, budget=10_000, intervention="siren", kl_coef=
     return from_dict({
         "model": {"hf_dir": hf_dir, "dtype": "float32", "make_vocab_size_divisible_by": 32},
         "parallel": {"tp": tp, "pp": pp},
-        "optimizer": {"lr": 1e-3, "use_distributed_optimizer": dp > 1},
+        # Adam scales each element's update to about lr however small its gradient is, so
+        # rounding-level gradient differences between layouts become update differences of
+        # order lr; a small lr keeps the comparison about the computation, not that noise.
+        "optimizer": {"lr": 1e-4, "use_distributed_optimizer": dp > 1},
         "rollout": {"samples_per_prompt": 4, "prompts_per_step": 4, "max_new_tokens": 16},
         "algorithm": {"prompts_per_mini_batch": 2, "micro_batch_tokens": budget,
                       "kl_coef": kl_coef},
@@ -140,7 +143,7 @@ def test_train_step_is_the_same_in_every_layout(hf_dir):
     from safetensors.torch import load_file
     initial = load_file(f"{hf_dir}/model.safetensors")
     moved = max((ref["weights"][k] - initial[k]).abs().max().item() for k in initial)
-    assert moved > 1e-4, "training did not change the weights"
+    assert moved > 5e-5, "training did not change the weights"
     layouts = [(2, 1, 1, 10_000), (1, 2, 1, 40), (1, 1, 2, 10_000), (2, 1, 2, 40),
                (2, 2, 1, 40)]
     for tp, pp, dp, budget in layouts:
