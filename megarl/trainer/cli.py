@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides applied after the file")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the configuration, model and layout, print the plan, exit")
+                        help="check the configuration, model and layout, print the plan, exit "
+                             "(1 when the plan does not fit in GPU memory)")
+    parser.add_argument("--model-shape", metavar="NAME", default=None,
+                        help="with --dry-run: plan with this built-in shape (megarl plan "
+                             "--list-models) instead of reading model.hf_dir")
 
 
 def preflight(cfg: MegarlConfig, world_size: int) -> None:
@@ -49,9 +53,21 @@ def run(args: argparse.Namespace) -> int:
     env = launch_env()
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"[rank{env.rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model_shape and not args.dry_run:
+        print("megarl train: --model-shape only goes with --dry-run", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, env.world_size)
+        shape = None
+        if args.model_shape:
+            from megarl.parallel import check_topology
+            from megarl.parallel.memory import builtin_shape
+
+            shape = builtin_shape(args.model_shape)
+            check_topology(cfg.parallel, env.world_size, shape,
+                           cfg.model.make_vocab_size_divisible_by)
+        else:
+            preflight(cfg, env.world_size)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"megarl train: {exc}", file=sys.stderr)
         return 2
@@ -60,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from megarl.parallel.planner import print_plan
 
-        print_plan(cfg, world_size=env.world_size)
-        return 0
+        options = {"shape": shape, "model": args.model_shape} if shape is not None else {}
+        plan = print_plan(cfg, world_size=env.world_size, **options)
+        return 0 if plan.fits else 1
     from megarl.trainer.loop import train
 
     train(cfg)
