@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megarl", "megarl.*"]),
-    package_data={"megarl": ["py.typed", "data/*", "configs/*.yaml"]},
+    package_data={"megarl": ["eval/BENCHMARKS.md"]},
     install_requires=[
         # torch is not pinned: take the build that fits the machine (CPU or CUDA) before megarl.
         "torch>=2.6",
@@ -33,7 +33,7 @@ setup(
     extras_require={
         "gpu": [
             "transformer-engine[pytorch]>=2.9",
-            "sglang>=0.5.4",
+            "sglang==0.5.23",   # the HTTP protocol megarl speaks is recorded from this version
             "flash-attn",
         ],
         "wandb": ["wandb"],
