@@ -66,6 +66,36 @@ def export_hf_weights(
                 yield from adapter.to_hf(name, full, dims)
 
 
+def export_hf_weights_everywhere(
+    chunks: Sequence[torch.nn.Module], shape: ModelShape, ctx: ParallelContext,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every (hf_name, full tensor) on *every* trainer rank, for colocated weight sync,
+    where each rank hands its own GPU copy to the server rank sharing its GPU.
+
+    Collective over all trainer ranks. Each stage all-gathers a parameter over its TP group,
+    then broadcasts it over the pipeline group, so every rank of every data-parallel replica
+    ends up with the same tensors in the same order; a rank holds about one full parameter
+    beyond its shard at a time.
+    """
+    adapter = adapter_for(shape.family)
+    dims = Dims(shape, padded_vocab_of(chunks))
+    local = list(canonical_parameters(chunks, shape, tied_copy=False))
+    catalog = _exchange_catalog(local, ctx) if ctx.pp > 1 else None
+    stage_ranks = dist.get_process_group_ranks(ctx.pp_group) if ctx.pp > 1 else None
+    for stage in range(ctx.pp):
+        if stage == ctx.pp_rank:
+            for name, param in local:
+                full = _gather_tp(name, param, ctx).contiguous()
+                if ctx.pp > 1:
+                    dist.broadcast(full, src=stage_ranks[stage], group=ctx.pp_group)
+                yield from adapter.to_hf(name, full, dims)
+        else:
+            for name, full_shape, dtype in catalog[stage]:
+                full = torch.empty(full_shape, dtype=dtype, device=ctx.device)
+                dist.broadcast(full, src=stage_ranks[stage], group=ctx.pp_group)
+                yield from adapter.to_hf(name, full, dims)
+
+
 def _exchange_catalog(local, ctx: ParallelContext) -> list[list[tuple]]:
     """(name, full shape, dtype) of every stage's parameters, for the exporting rank's receives."""
     mine = [(name, layout.full_shape(name, tuple(p.shape), ctx.tp), p.dtype) for name, p in local]

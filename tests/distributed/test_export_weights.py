@@ -36,7 +36,9 @@ def models(tmp_path_factory):
 def _live_tp2_pp2(hf_dirs, save_dirs, prompt):
     from megatron.core import parallel_state as ps
 
-    from megarl.checkpoint.export import bucket_by_bytes, export_hf_weights
+    from megarl.checkpoint.export import (
+        bucket_by_bytes, export_hf_weights, export_hf_weights_everywhere,
+    )
     from megarl.checkpoint.model_io import load_hf_into_model, save_megatron_checkpoint
     from megarl.checkpoint.verify import model_logits
     from megarl.config import ModelConfig, ParallelConfig
@@ -57,8 +59,10 @@ def _live_tp2_pp2(hf_dirs, save_dirs, prompt):
             else None
         buckets = list(bucket_by_bytes(export_hf_weights(chunks, shape, ctx), 64 * 1024))
         exported = {name: t.clone() for bucket in buckets for name, t in bucket}
+        everywhere = {n: t.clone() for n, t in export_hf_weights_everywhere(chunks, shape, ctx)}
         save_megatron_checkpoint(chunks, save_dirs[family], ctx, shape, hf_config=config)
-        results[family] = {"logits": logits, "exported": exported, "buckets": len(buckets)}
+        results[family] = {"logits": logits, "exported": exported, "buckets": len(buckets),
+                           "everywhere": everywhere}
         ps.destroy_model_parallel()
     return results
 
@@ -78,6 +82,10 @@ def test_live_load_export_and_save_at_tp2_pp2(models):
             assert torch.equal(exported[name], tensor), f"{family} {name}"
         assert ranks[0][family]["buckets"] > 1
         assert all(not r[family]["exported"] for r in ranks[1:]), "only rank 0 receives"
+        for rank, r in enumerate(ranks):   # the colocated export: every rank gets everything
+            assert sorted(r[family]["everywhere"]) == sorted(original), (family, rank)
+            for name, tensor in original.items():
+                assert torch.equal(r[family]["everywhere"][name], tensor), (family, rank, name)
 
         if reference is not None:
             # Megatron's ranks: tp fastest, then pp, so the last stage's TP rank 0 is rank 2.
