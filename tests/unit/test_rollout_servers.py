@@ -48,9 +48,14 @@ def test_stop_ends_the_whole_process_group(tmp_path):
 
 
 def test_a_process_that_never_becomes_healthy_fails_by_the_deadline(tmp_path):
-    sleeper = ManagedProcess("sleeper", [sys.executable, "-c", "print('starting'); "
+    sleeper = ManagedProcess("sleeper", [sys.executable, "-c", "print('starting', flush=True); "
                              "import time; time.sleep(60)"], tmp_path / "s.log").start()
     try:
+        # On a loaded machine the interpreter may take seconds to start: the deadline under
+        # test begins once the process has written its first line.
+        until = time.monotonic() + 30
+        while "starting" not in (tmp_path / "s.log").read_text() and time.monotonic() < until:
+            time.sleep(0.05)
         start = time.monotonic()
         with pytest.raises(ServerStartupError) as info:
             wait_healthy(f"http://127.0.0.1:{free_port()}", deadline=start + 1.5, process=sleeper)
