@@ -104,7 +104,7 @@ def test_a_reward_that_never_returns_times_out_scores_zero_and_is_counted():
         assert result.rewards == [1.0, 0.0, 1.0, 1.0]
         assert result.num_timeouts == 1 and result.num_errors == 0
         assert "response 1" in result.messages[0] and "timeout" in result.messages[0]
-        assert elapsed < 8
+        assert elapsed < 30   # far below the 60 s hang, with room for a loaded machine
         # the killed worker was replaced: the pool keeps working
         assert scorer.score(["ok"] * 3, [""] * 3).rewards == [1.0] * 3
         assert scorer.total_timeouts == 1

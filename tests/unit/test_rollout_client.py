@@ -116,7 +116,7 @@ def test_a_request_past_its_timeout_moves_to_another_server():
             start = time.monotonic()
             responses = client.generate_batch([[5, 6]] * 4, SAMPLING)
     assert all(r.token_ids == [6, 5] for r in responses)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 20   # the slow server holds requests for 30 s
 
 
 def test_close_aborts_requests_in_flight():

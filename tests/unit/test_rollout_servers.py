@@ -59,7 +59,7 @@ def test_a_process_that_never_becomes_healthy_fails_by_the_deadline(tmp_path):
         start = time.monotonic()
         with pytest.raises(ServerStartupError) as info:
             wait_healthy(f"http://127.0.0.1:{free_port()}", deadline=start + 1.5, process=sleeper)
-        assert 1.4 < time.monotonic() - start < 5
+        assert 1.4 < time.monotonic() - start < 15
         message = str(info.value)
         assert "did not become healthy within" in message and "Connection refused" in message
         assert "starting" in message  # the log tail
@@ -76,7 +76,7 @@ def test_connected_servers_that_stay_unhealthy_fail_startup():
         start = time.monotonic()
         with pytest.raises(ServerStartupError, match=r"server 0 .* did not become healthy.*HTTP 503"):
             RolloutServers(cfg).start()
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 15   # a 1 s deadline, not forever
 
 
 def test_a_server_that_exits_at_startup_fails_fast_with_its_log(tmp_path):
