@@ -16,19 +16,22 @@ checkpoints are kept.
 
 Resuming (`checkpoint.resume`: auto, never, or a path) checks the checkpoint before reading it:
 a missing, truncated or unreadable file is a `CheckpointError` naming that file, never a fresh
-start. A checkpoint written at another TP/PP/DP loads resharded; its random generators are
+start. auto takes the checkpoint `latest` names, or a newer sealed one that a crash between
+its rename and the pointer update left behind. A checkpoint written at another TP/PP/DP loads resharded; its random generators are
 then not restored (a warning says so). The LR schedule follows the config (a changed
 `trainer.num_steps` re-stretches it; differences from the checkpoint are logged).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -132,8 +135,9 @@ class Checkpointer:
             # Optimizer state in the canonical per-parameter layout, so that a run can resume
             # at another TP/PP/DP (megatron-core 0.16's default model-space format is refused
             # by its own checkpoint validation).
-            state["optimizer"] = trainer.actor.optimizer.sharded_state_dict(
-                state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
+            with _bucket_aligned_world_state(trainer.actor.optimizer):
+                state["optimizer"] = trainer.actor.optimizer.sharded_state_dict(
+                    state, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
         return state
 
     def _trainer_state_of(self, trainer: "Trainer", step: int) -> dict[str, Any]:
@@ -152,9 +156,7 @@ class Checkpointer:
         }
 
     def _prune(self) -> None:
-        complete = sorted((p for p in self.dir.iterdir() if _NAME.fullmatch(p.name)
-                           and (p / COMPLETE).is_file()), key=_step_of)
-        for old in complete[: -self.cfg.checkpoint.keep_last]:
+        for old in _sealed(self.dir)[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in self.dir.glob("step_*.partial"):   # earlier crashes; we are the writer
             shutil.rmtree(partial, ignore_errors=True)
@@ -163,24 +165,34 @@ class Checkpointer:
 
     def find(self) -> Optional[Path]:
         """The checked checkpoint to resume from per `checkpoint.resume`, or None for a fresh
-        start; a CheckpointError naming the file when it is missing, incomplete or truncated."""
+        start; a CheckpointError naming the file when it is missing, incomplete or truncated.
+
+        auto: the checkpoint `latest` names or, when a crash came between a rename and the
+        pointer update, the newer sealed one, so that no finished step is lost."""
         mode = self.cfg.checkpoint.resume
         if mode == "never":
             return None
         if mode != "auto":
             return _checked(Path(mode))
         pointer = self.dir / LATEST
-        if not pointer.is_file():
-            if self.dir.is_dir() and any(_NAME.fullmatch(p.name) for p in self.dir.iterdir()):
-                raise CheckpointError(
-                    f"{self.dir} holds checkpoints but no '{LATEST}' pointer; pass "
-                    "checkpoint.resume=<path of one checkpoint> or checkpoint.resume=never")
-            return None
-        name = pointer.read_text(errors="replace").strip()
-        if not _NAME.fullmatch(name):
-            raise CheckpointError(f"{pointer} is corrupt: it holds {name[:60]!r}, not the name "
-                                  "of a checkpoint; pass checkpoint.resume=<path>")
-        return _checked(self.dir / name, pointer)
+        sealed = _sealed(self.dir)
+        named = None
+        if pointer.is_file():
+            name = pointer.read_text(errors="replace").strip()
+            if not _NAME.fullmatch(name):
+                raise CheckpointError(f"{pointer} is corrupt: it holds {name[:60]!r}, not the "
+                                      "name of a checkpoint; pass checkpoint.resume=<path>")
+            named = _checked(self.dir / name, pointer)
+        if sealed and (named is None or _step_of(sealed[-1]) > _step_of(named)):
+            logger.warning("%s is newer than what '%s' names (a crash before the pointer was "
+                           "updated): resuming from it", sealed[-1], LATEST)
+            return _checked(sealed[-1])
+        if named is None and self.dir.is_dir() and any(
+                _NAME.fullmatch(p.name) for p in self.dir.iterdir()):
+            raise CheckpointError(f"{self.dir} holds checkpoint directories but none is sealed "
+                                  f"({COMPLETE} missing): pass checkpoint.resume=<path> or "
+                                  "checkpoint.resume=never")
+        return named
 
     def resume(self, trainer: "Trainer") -> int:
         """Load the checkpoint `find()` names into the trainer; returns its step (0 if none)."""
@@ -285,9 +297,16 @@ def _checked(path: Path, pointer: Optional[Path] = None) -> Path:
     return path
 
 
+def _sealed(directory: Path) -> list[Path]:
+    """The checkpoints in `directory` that have their COMPLETE file, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir()
+                   if _NAME.fullmatch(p.name) and (p / COMPLETE).is_file()), key=_step_of)
+
+
 def _others(path: Path) -> str:
-    others = sorted((p for p in path.parent.iterdir() if p != path and _NAME.fullmatch(p.name)
-                     and (p / COMPLETE).is_file()), key=_step_of)
+    others = [p for p in _sealed(path.parent) if p != path]
     return f" (others: {', '.join(str(p) for p in others)})" if others else ""
 
 
@@ -316,6 +335,48 @@ def _give_optimizer_state(optimizer) -> None:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
                     state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _bucket_aligned_world_state(optimizer):
+    """Correct megatron-core 0.16's fully_reshardable save for buffers of several buckets.
+
+    `get_parameter_state_dp_zero` gathers the optimizer state of a grad buffer with the padding
+    at the end of each bucket removed, but `sharded_param_state_fully_reshardable` slices that
+    gathered state with the parameters' offsets in the padded buffer (Megatron's own TODO,
+    issue #504). Every parameter after the first bucket then gets a neighbour's state (and
+    zeros, with a "param range exceeds unpadded buffer" warning). Buffers have several buckets
+    with tied embeddings at PP > 1 and whenever gradient reduction overlaps (all GPU runs).
+    For the duration of one `sharded_state_dict` call, the gathered state of each bucket is put
+    back at its padded offset, which is what the slicing expects."""
+    opts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if hasattr(o, "get_parameter_state_dp_zero") and hasattr(o, "buffers")]
+    for opt in opts:
+        opt.get_parameter_state_dp_zero = partial(_padded_world_state, opt,
+                                                  opt.get_parameter_state_dp_zero)
+    try:
+        yield
+    finally:
+        for opt in opts:
+            del opt.get_parameter_state_dp_zero   # back to the class's method
+
+
+def _padded_world_state(opt, gather, *args, **kwargs):
+    state = gather(*args, **kwargs)
+    for gbuf_idx, by_dtype in (state or {}).items():
+        if not isinstance(gbuf_idx, int):
+            continue
+        buffer = opt.buffers[gbuf_idx]
+        for world in by_dtype.values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                padded = torch.zeros(buffer.numel, dtype=world[key].dtype)
+                offset = 0
+                for (start, _), bucket in zip(buffer.bucket_indices, buffer.buckets):
+                    padded[start:start + bucket.numel_unpadded] = \
+                        world[key][offset:offset + bucket.numel_unpadded]
+                    offset += bucket.numel_unpadded
+                world[key] = padded
+    return state
 
 
 def _load_optimizer(optimizer, state: Any) -> None:

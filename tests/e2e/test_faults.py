@@ -186,6 +186,14 @@ def test_a_reward_that_never_returns_times_out(faulty_run):
     assert all(math.isfinite(metrics[s]["loss/total"]) for s in (1, 2, 3))
 
 
+def test_the_final_checkpoint_holds_the_data_cursor(faulty_run):
+    import torch
+
+    state = torch.load(faulty_run["run"] / "checkpoints" / "step_000003" / "trainer.pt",
+                       weights_only=False)
+    assert state["sampler"]["epoch"] == 0 and state["sampler"]["position"] == 12   # 3 x 4
+
+
 def test_malformed_rows_are_counted_in_the_first_step(faulty_run):
     first = faulty_run["metrics"][1]
     assert first["data/num_malformed_rows"] == 4

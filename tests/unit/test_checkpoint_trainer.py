@@ -71,10 +71,22 @@ def test_unsealed_corrupt_seal_or_pointer_are_errors_never_a_fresh_start(tmp_pat
     with pytest.raises(CheckpointError, match=f"{ck.dir / LATEST} is corrupt"):
         ck.find()
     (ck.dir / LATEST).unlink()
-    with pytest.raises(CheckpointError, match="no 'latest' pointer"):
+    with pytest.raises(CheckpointError, match="none is sealed"):
         ck.find()
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpointer(tmp_path, resume=str(tmp_path / "nowhere")).find()
+
+
+def test_a_sealed_checkpoint_newer_than_latest_wins(tmp_path):
+    """A crash between the rename and the pointer update loses no finished step."""
+    ck = checkpointer(tmp_path)
+    write_checkpoint(ck.dir, 3)
+    (ck.dir / LATEST).write_text("step_000003\n")
+    newer = write_checkpoint(ck.dir, 6)
+    write_checkpoint(ck.dir, 9, partial=True)   # never renamed: ignored
+    assert ck.find() == newer
+    (ck.dir / LATEST).unlink()
+    assert ck.find() == newer
 
 
 def test_prune_keeps_the_newest_complete_ones_and_drops_stale_partials(tmp_path):
