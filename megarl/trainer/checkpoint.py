@@ -17,9 +17,10 @@ checkpoints are kept.
 Resuming (`checkpoint.resume`: auto, never, or a path) checks the checkpoint before reading it:
 a missing, truncated or unreadable file is a `CheckpointError` naming that file, never a fresh
 start. auto takes the checkpoint `latest` names, or a newer sealed one that a crash between
-its rename and the pointer update left behind. A checkpoint written at another TP/PP/DP loads resharded; its random generators are
-then not restored (a warning says so). The LR schedule follows the config (a changed
-`trainer.num_steps` re-stretches it; differences from the checkpoint are logged).
+its rename and the pointer update left behind. A checkpoint written at another TP/PP/DP loads
+resharded; its random generators are then not restored (a warning says so). The LR schedule
+follows the config (a changed `trainer.num_steps` re-stretches it; differences from the
+checkpoint are logged).
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in _sealed(self.dir)[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in self.dir.glob("step_*.partial"):   # earlier crashes; we are the writer
-            shutil.rmtree(partial, ignore_errors=True)
+        for staged in self.dir.glob("step_*.partial"):   # earlier crashes; we are the writer
+            shutil.rmtree(staged, ignore_errors=True)
 
     # --- resume --------------------------------------------------------------------------------
 
@@ -235,7 +236,10 @@ class Checkpointer:
     def _restore_scheduler(self, scheduler, saved: dict) -> None:
         """The saved step count, with the schedule of the config (Megatron would assert that
         the two schedules are equal, which forbids extending a run)."""
-        changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}" for k in _SCHEDULE_KEYS
+        keys = _SCHEDULE_KEYS
+        if saved.get("lr_decay_style") == scheduler.lr_decay_style == "constant":
+            keys = tuple(k for k in keys if k != "lr_decay_steps")   # a constant has no length
+        changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)}" for k in keys
                    if k in saved and saved[k] != getattr(scheduler, k)]
         if changed and self.ctx.rank == 0:
             logger.warning("the LR schedule of the config differs from the checkpoint's (%s): "

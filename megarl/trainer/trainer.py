@@ -177,8 +177,10 @@ class Trainer:
         if returning:
             self.servers.return_to_rotation(returning)
             self.client.set_urls(self.servers.generate_urls)
+        if not self.is_driver:
+            return {}
         return {f"sync/{k}": float(v) for k, v in stats.as_dict().items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)} if self.is_driver else {}
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def log(self, step: int, batch: RolloutBatch, trained: dict[str, float],
             synced: dict[str, float]) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Exact resume on CPU, and checkpoints that are cut off, damaged or never renamed.
 
-A 6-step run (A) and a 3-step run resumed for 3 more steps, at the same layout (B), at TP=2 (D)
-and at PP=2 (P), end with the same weights, optimizer state, LR schedule, intervention state and metrics
-(within 1e-6).
+A 6-step run (A) and a 3-step run resumed for 3 more steps, at the same layout (B), at TP=2
+(D) and at PP=2 (P), end with the same weights, optimizer state, LR schedule, intervention
+state and metrics (within 1e-6; the same layout is bit-exact).
 
 Rollouts: recorded once from a dev server (`trainer.record_rollouts`) and replayed by every
 compared run (`trainer.replay_dir`, no servers). We replay rather than make generation
@@ -213,7 +213,7 @@ def test_a_resume_at_another_layout_warns_that_rng_starts_fresh(runs):
         warnings = runs[name][1]
         assert any("random generators start fresh" in w and "TP=1 PP=1" in w
                    for w in warnings), warnings
-    assert not any("random generators" in w for w in runs["B"][1])
+    assert runs["B"][1] == []   # the same layout resumes without a warning
 
 
 def copy_checkpoint(runs, name: str) -> Path:
