@@ -11,8 +11,9 @@ What the trainer (global rank 0) calls, in order:
     ... each step: batch = collect_rollout_batch(client=client, sampler=sampler, scorer=scorer,
                                                  tokenizer=tokenizer, rollout=cfg.rollout,
                                                  algorithm=cfg.algorithm)
-                   servers.report_unhealthy()  # the router hides failed servers from the client
-                   then megarl.sync's weight update (see megarl/sync/__init__.py)
+                   servers.check()     # failed servers leave the rotation (restarted if ours)
+                   before a sync: the servers in servers.ready_to_return() are added to the
+                   weight update (megarl/sync/__init__.py), then servers.return_to_rotation(...)
     ... checkpoints save sampler.state_dict() and restore it with sampler.load_state_dict()
     scorer.close(); client.close(); servers.stop()
 

@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
         options = {"shape": shape, "model": args.model_shape} if shape is not None else {}
         plan = print_plan(cfg, world_size=env.world_size, **options)
         return 0 if plan.fits else 1
+    from megarl.trainer.checkpoint import CheckpointError
     from megarl.trainer.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as exc:
+        print(f"megarl train: {exc}", file=sys.stderr)
+        return 2
     return 0
