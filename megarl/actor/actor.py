@@ -254,6 +254,20 @@ class MegatronActor:
             self.scheduler.step(1)
         return bool(applied), float(grad_norm) if grad_norm is not None else 0.0
 
+    def offload_for_rollout(self) -> None:
+        """Colocated mode: give this GPU to the servers while they generate. Optimizer state goes
+        to host memory and gradient buffers are freed (they hold nothing between steps); the
+        weights stay, since the next weight sync reads them."""
+        self.optimizer.offload_to_cpu()
+        for chunk in self.model:
+            chunk.offload_grad_buffers()
+
+    def restore_for_training(self) -> None:
+        """Undo `offload_for_rollout` (gradient buffers come back zeroed)."""
+        for chunk in self.model:
+            chunk.restore_grad_buffers()
+        self.optimizer.restore_from_cpu()
+
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 

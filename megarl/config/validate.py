@@ -55,6 +55,10 @@ def validate(config: MegarlConfig) -> MegarlConfig:
     if rollout.mode == "colocated" and rollout.backend != "sglang":
         raise ConfigError("rollout.mode",
                           "colocated needs rollout.backend=sglang (the CPU dev server cannot share GPUs)")
+    if rollout.mode == "colocated" and config.sync.transport != "colocated":
+        raise ConfigError("sync.transport",
+                          "rollout.mode=colocated needs sync.transport=colocated (the servers "
+                          "release their memory while the actor trains)")
     if rollout.mode == "colocated" and rollout.server_urls:
         raise ConfigError("rollout.server_urls",
                           "must be empty with rollout.mode=colocated (megarl starts colocated servers)")

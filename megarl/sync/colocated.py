@@ -151,5 +151,23 @@ class ColocatedWeightSync(WeightSync):
             dist.barrier(group=self.group)
 
 
+def server_group(num_servers: int, server_tp: int) -> Any:
+    """The process group of the trainer ranks sharing this rank's server (None when the server
+    has one GPU, or when this rank shares no server's GPU).
+
+    Trainer rank r sits on the GPU of TP rank r % server_tp of server r // server_tp. Collective
+    over all trainer ranks: every rank creates every group, in the same order.
+    """
+    if server_tp == 1:
+        return None
+    mine = None
+    for server in range(num_servers):
+        ranks = list(range(server * server_tp, (server + 1) * server_tp))
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
+
+
 def _ignore(body: Any, where: str) -> Any:
     return body

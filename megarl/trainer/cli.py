@@ -43,8 +43,26 @@ def preflight(cfg: MegarlConfig, world_size: int) -> None:
                 raise ConfigError(f"data.train_files[{i}]", f"{path} does not exist")
     elif not Path(cfg.trainer.replay_dir).is_dir():
         raise ConfigError("trainer.replay_dir", f"{cfg.trainer.replay_dir} is not a directory")
+    if cfg.rollout.mode == "colocated":
+        _check_colocated(cfg, world_size)
     if cfg.model.megatron_dir is not None and not Path(cfg.model.megatron_dir).is_dir():
         raise ConfigError("model.megatron_dir", f"{cfg.model.megatron_dir} does not exist")
+
+
+def _check_colocated(cfg: MegarlConfig, world_size: int) -> None:
+    """Colocated servers are started by rank 0 on its own node, one GPU per trainer rank."""
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local != world_size:
+        raise ConfigError("rollout.mode", f"colocated runs on one node, but the job has "
+                          f"{world_size} ranks and {local} on this node; use disaggregated "
+                          "across nodes")
+    gpus = cfg.rollout.num_servers * cfg.rollout.server_tp
+    if cfg.rollout.base_gpu_id != 0 or gpus > world_size:
+        raise ConfigError("rollout.num_servers", f"colocated servers must sit on the trainer's "
+                          f"GPUs 0..{world_size - 1}: {cfg.rollout.num_servers} servers x TP "
+                          f"{cfg.rollout.server_tp} from GPU {cfg.rollout.base_gpu_id} do not")
 
 
 def run(args: argparse.Namespace) -> int:

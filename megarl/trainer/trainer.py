@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.actor.actor import IterationPlan, MegatronActor
-from megarl.checkpoint.export import export_hf_weights
+from megarl.checkpoint.export import export_hf_weights, export_hf_weights_everywhere
 from megarl.checkpoint.model_io import load_hf_into_model, load_megatron_checkpoint
 from megarl.config import MegarlConfig, to_yaml
 from megarl.losses import build_loss
@@ -36,6 +36,7 @@ from megarl.models.hf import shape_from_hf_dir
 from megarl.parallel import init_distributed, teardown
 from megarl.rollout.batch import RolloutBatch
 from megarl.sync.base import make_weight_sync
+from megarl.sync.colocated import server_group
 from megarl.trainer import experience
 from megarl.trainer.checkpoint import Checkpointer
 
@@ -57,6 +58,7 @@ class Trainer:
         self.ctx = init_distributed(cfg.parallel, self.shape, seed=cfg.trainer.seed,
                                     vocab_divisible_by=cfg.model.make_vocab_size_divisible_by)
         self.is_driver = self.ctx.rank == 0
+        self.colocated = cfg.rollout.mode == "colocated"
         self.output_dir = Path(cfg.logging.output_dir)
         if self.is_driver:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,9 @@ class Trainer:
         if urls is None:
             urls = experience.broadcast_object(self.servers.server_urls if self.is_driver else None)
         sync = make_weight_sync(self.cfg.sync, urls, rank=self.ctx.rank,
-                                server_tp=self.cfg.rollout.server_tp)
+                                server_tp=self.cfg.rollout.server_tp,
+                                colocated_group=server_group(len(urls), self.cfg.rollout.server_tp)
+                                if self.colocated else None)
         sync.connect()
         self._sync_members = list(urls)
         return sync
@@ -133,7 +137,18 @@ class Trainer:
                 raise StopRequested()
 
     def rollout(self, step: int) -> RolloutBatch:
-        """Rank 0 generates (or replays) and scores the step's batch; every rank receives it."""
+        """Rank 0 generates (or replays) and scores the step's batch; every rank receives it.
+        Colocated, the trainer frees its GPUs for the generation and takes them back after."""
+        colocated = self.colocated and self.sync is not None
+        if colocated:
+            self.actor.offload_for_rollout()
+        batch = self._generate(step)
+        if colocated:
+            self.sync.release_memory()
+            self.actor.restore_for_training()
+        return batch
+
+    def _generate(self, step: int) -> RolloutBatch:
         batch = None
         if self.is_driver:
             if self.cfg.trainer.replay_dir is not None:
@@ -172,8 +187,9 @@ class Trainer:
         if self.sync is None:
             return {}
         returning = self._resync_members() if self.is_driver else []
-        stats = self.sync.update(export_hf_weights(self.actor.model, self.shape, self.ctx),
-                                 version=str(step))
+        # Colocated, every rank hands its own copy to the server rank on its GPU.
+        export = export_hf_weights_everywhere if self.colocated else export_hf_weights
+        stats = self.sync.update(export(self.actor.model, self.shape, self.ctx), version=str(step))
         if returning:
             self.servers.return_to_rotation(returning)
             self.client.set_urls(self.servers.generate_urls)

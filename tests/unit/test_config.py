@@ -147,3 +147,8 @@ def test_every_field_has_a_docstring():
 def test_sections_are_keyword_only():
     with pytest.raises(TypeError):
         cfg.ParallelConfig(2)
+
+
+def test_colocated_mode_needs_the_colocated_transport():
+    err = _error(overrides=REQUIRED + ["rollout.mode=colocated"])
+    assert err.key == "sync.transport"
