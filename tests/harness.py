@@ -49,7 +49,22 @@ def _reset_megatron_state() -> None:
         parallel_state.destroy_model_parallel()
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the test process dies, even while the
+    worker is stuck in a collective and cannot notice by itself."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(rank: int, world_size: int, port: int, tasks, results, parent_pid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
