@@ -134,9 +134,13 @@ class ManagedProcess:
     def start(self) -> "ManagedProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+            # Stopped by the kernel if this process dies without stopping it (parent_guard).
+            guarded = [sys.executable, "-m", "megarl.rollout.parent_guard", str(os.getpid()),
+                       *self.cmd]
+            self.popen = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                          env=self.env)
+                                          env=self.env if self.env is not None
+                                          else importable_env())
         _live.add(self)
         logger.info("started %s (pid %d): %s; log %s", self.name, self.popen.pid,
                     " ".join(self.cmd), self.log_path)
@@ -325,8 +329,7 @@ class RolloutServers:
                     base_gpu_id=cfg.base_gpu_id + i * cfg.server_tp,
                     enable_memory_saver=cfg.mode == "colocated", extra=cfg.server_args)
             proc = ManagedProcess(f"{cfg.backend} server {i}", cmd,
-                                  self.log_dir / f"server_{i}.log",
-                                  env=importable_env() if cfg.backend == "dev" else None)
+                                  self.log_dir / f"server_{i}.log")
             self.servers.append(proc.start())
             self.server_urls.append(f"http://{_url_host(cfg.host)}:{port}")
 

@@ -4,6 +4,8 @@ health reports, and flag building."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -109,3 +111,32 @@ def test_flags_from_dict():
     assert flags_from_dict({"tp_size": 2, "enable_memory_saver": True, "log_level": None,
                             "skip": False, "worker_urls": ["a", "b"], "json": {"k": 1}}) == [
         "--tp-size", "2", "--enable-memory-saver", "--worker-urls", "a", "b", "--json", '{"k": 1}']
+
+
+def test_a_started_process_dies_with_the_process_that_started_it(tmp_path):
+    """A launcher killed outright must not leave its servers holding GPUs (parent_guard)."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from megarl.rollout.servers import ManagedProcess\n"
+        f"p = ManagedProcess('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'],"
+        f" Path({str(tmp_path / 'child.log')!r})).start()\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(launcher.stdout.readline())
+    launcher.kill()                      # no atexit, no cleanup: only the kernel can help
+    launcher.wait()
+    until = time.monotonic() + 30
+    while time.monotonic() < until:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/status") as f:
+            if "zombie" in f.read().lower():
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the started process outlived its launcher")
