@@ -51,6 +51,14 @@ class Trainer:
     """One rank's view of a run: the actor on every rank, the rollout side on rank 0."""
 
     def __init__(self, cfg: MegarlConfig) -> None:
+        self.sync = self.client = self.scorer = self.servers = self.sampler = None
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()   # servers may be up already: never leave them behind
+            raise
+
+    def _build(self, cfg: MegarlConfig) -> None:
         self.cfg = cfg
         self.shape, self.hf_config = shape_from_hf_dir(cfg.model.hf_dir)
         # Tear down only what this trainer started (an embedding program may own the group).
@@ -72,7 +80,7 @@ class Trainer:
         if cfg.algorithm.kl_coef > 0:
             self.actor.snapshot_reference()
         self.checkpointer = Checkpointer(cfg, self.ctx, self.output_dir)
-        self.servers = self.client = self.sampler = self.scorer = None
+        self.checkpointer.find()   # a broken checkpoint fails now, not after server start-up
         self._sync_members: list[str] = []
         self._first_log = True
         if self.is_driver and cfg.trainer.replay_dir is None:
@@ -317,7 +325,8 @@ class Trainer:
             self.monitor.close()
         for sig, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(sig, handler)
-        teardown(destroy_process_group=self._owns_process_group)
+        if hasattr(self, "ctx"):
+            teardown(destroy_process_group=self._owns_process_group)
 
     def __enter__(self) -> "Trainer":
         return self

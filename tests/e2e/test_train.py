@@ -91,3 +91,23 @@ def test_record_then_replay_trains_without_servers(tmp_path):
     # Same data, same initial weights: the replayed update equals the recorded run's.
     for a, b in zip(first, again):
         assert abs(a["loss/total"] - b["loss/total"]) < 1e-6
+
+
+def _train_expecting_checkpoint_error(cfg):
+    from megarl.trainer.checkpoint import CheckpointError
+
+    try:
+        train(cfg)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_broken_checkpoint_fails_before_any_server_starts(tmp_path):
+    cfg = demo_like_config(tmp_path, tp=1, steps=2, port=31700)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest").write_text("step_000004\n")   # names a checkpoint that is gone
+    [message] = run_distributed(_train_expecting_checkpoint_error, 1, args=(cfg,), timeout=300)
+    assert message is not None and "step_000004" in message
+    assert not (tmp_path / "run" / "logs").exists(), "servers were started for a run that failed"
