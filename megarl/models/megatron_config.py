@@ -128,6 +128,9 @@ def ddp_config(optim: OptimizerConfig, model: ModelConfig):
         use_distributed_optimizer=optim.use_distributed_optimizer,
         # Overlap needs CUDA streams; on CPU communication is synchronous anyway.
         overlap_grad_reduce=on_gpu,
-        overlap_param_gather=on_gpu and optim.use_distributed_optimizer,
+        # Never deferred: with overlap the distributed optimizer gathers updated parameters only
+        # at the next forward, but the weight export for the servers reads them right after the
+        # optimizer step and would send other DP ranks' shards stale.
+        overlap_param_gather=False,
         check_for_nan_in_grad=False,
     )

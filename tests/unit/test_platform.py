@@ -128,3 +128,15 @@ def test_missing_patch_target_is_a_loud_error():
 def test_cpu_queries():
     assert platform.device() == torch.device("cpu")
     assert platform.dist_backend() == "gloo"
+
+
+def test_ddp_config_never_defers_the_parameter_gather(monkeypatch):
+    """The weight export reads parameters right after the optimizer step (on GPU too)."""
+    from megarl.config import ModelConfig, OptimizerConfig
+    from megarl.models import megatron_config
+
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    ddp = megatron_config.ddp_config(OptimizerConfig(use_distributed_optimizer=True),
+                                     ModelConfig(hf_dir="x"))
+    assert ddp.use_distributed_optimizer and ddp.overlap_grad_reduce
+    assert not ddp.overlap_param_gather
