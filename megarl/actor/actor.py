@@ -145,15 +145,19 @@ class MegatronActor:
             logits, micro.inputs.targets.to(logits.device), tp_group=self.ctx.tp_group,
             real_vocab_size=self.shape.vocab_size, **kwargs,
         )
+        # One device-to-host copy per statistic and micro-batch, then host-side slicing.
+        host = {name: value.float().cpu() for name, value in
+                (("log_probs", stats.log_probs), ("entropy", stats.entropy),
+                 ("nucleus_entropy", stats.nucleus_entropy)) if value is not None}
         for sample, (row, start, end) in zip(micro.samples, micro.inputs.response_slices):
             if reference:
-                sample.ref_log_probs = stats.log_probs[row, start:end].float().cpu()
+                sample.ref_log_probs = host["log_probs"][row, start:end].clone()
                 continue
-            sample.old_log_probs = stats.log_probs[row, start:end].float().cpu()
-            if stats.entropy is not None:
-                sample.old_entropy = stats.entropy[row, start:end].float().cpu()
-            if stats.nucleus_entropy is not None:
-                sample.old_nucleus_entropy = stats.nucleus_entropy[row, start:end].float().cpu()
+            sample.old_log_probs = host["log_probs"][row, start:end].clone()
+            if "entropy" in host:
+                sample.old_entropy = host["entropy"][row, start:end].clone()
+            if "nucleus_entropy" in host:
+                sample.old_nucleus_entropy = host["nucleus_entropy"][row, start:end].clone()
         return _zero_loss(logits)
 
     # ---------------------------------------------------------------------------------------
