@@ -12,7 +12,7 @@ import torch
 from megarl.config import AlgorithmConfig, EntropyConfig, RolloutConfig
 from megarl.losses import build_loss, segment_quantile
 from tests.unit.test_losses_reference import (
-    make_tokens, micro_batch, ref_covariance, ref_quantile, ref_siren_selected, ref_surrogate,
+    make_tokens, ref_covariance, ref_quantile, ref_siren_selected, ref_surrogate,
     ref_weights, run_step, valid,
 )
 

@@ -14,7 +14,7 @@ from megarl.losses import (
     segment_quantile, segment_sum,
 )
 from tests.unit.test_losses_reference import (
-    leaf_stats, make_tokens, micro_batch, ref_k, ref_surrogate, ref_weights, run_step,
+    make_tokens, micro_batch, ref_k, ref_surrogate, ref_weights, run_step,
     scatter_grads, select, valid,
 )
 
