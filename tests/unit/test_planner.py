@@ -8,7 +8,7 @@ import pytest
 
 from megarl.cli import main
 from megarl.config import ConfigError, from_dict
-from megarl.parallel import memory, planner
+from megarl.parallel import memory
 from megarl.parallel.memory import (
     GIB, Layout, PlanError, TrainSettings, builtin_shape, estimate_memory, estimate_rollout,
     stage_parameters,
