@@ -30,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -216,19 +217,19 @@ def measure(cfg, rank, dtype, device, group, peak_fn) -> dict:
     memory at a 4x larger chunk (it should grow 4x: memory follows the chunk, not T)."""
     logits, targets, w = make_inputs(cfg["tokens"], cfg["vocab"], cfg["tp"], rank, dtype, device)
     chunk, repeat = cfg["chunk"], cfg["repeat"]
-    calls = {n: (lambda f=f: f(logits, targets, w, group, chunk)) for n, f in VARIANTS.items()}
+    calls = {n: partial(f, logits, targets, w, group, chunk) for n, f in VARIANTS.items()}
     times = time_variants(calls, repeat, group)
     grad_bytes = logits.numel() * logits.element_size()
     memory = {n: peak_fn(c) - grad_bytes for n, c in calls.items()}
-    big_chunk = peak_fn(lambda: fused(logits, targets, w, group, 4 * chunk)) - grad_bytes
+    big_chunk = peak_fn(partial(fused, logits, targets, w, group, 4 * chunk)) - grad_bytes
     result = {"seconds": times, "peak_extra_bytes": memory,
               "fused_peak_extra_bytes_4x_chunk": big_chunk,
               "nucleus_fallback_rows": _fallback_rows(logits, group, chunk)}
-    del logits
+    del logits, calls  # free the logits before the second set is made
     flat, targets, w = make_inputs(cfg["tokens"], cfg["vocab"], cfg["tp"], rank, dtype, device,
                                    flat_share=1.0)
     result["all_flat_seconds"] = time_variants(
-        {n: (lambda f=f: f(flat, targets, w, group, chunk))
+        {n: partial(f, flat, targets, w, group, chunk)
          for n, f in (("entropy", entropy_only), ("nucleus", nucleus_only))},
         max(1, repeat // 2), group)
     return result
