@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megarl.metrics.entropy_law import EntropyLawFit, fit_entropy_law
-from megarl.metrics.jsonl import read_metrics
+from megarl.metrics.entropy_law import ENTROPY_KEY, REWARD_KEY, EntropyLawFit, fit_entropy_law
+from megarl.metrics.jsonl import METRICS_FILE, read_metrics
 
-ENTROPY_KEY = "entropy/mean"
-REWARD_KEY = "reward/mean"
 LINE_STYLES = ("-", "--", ":", "-.")
 EMPTY_NOTE = "no run logged"
 
@@ -99,8 +97,8 @@ def load_runs(run_dirs: Sequence[str | Path], names: Optional[Sequence[str]] = N
     where two directories share a name) unless `names` are given."""
     paths = [Path(d) for d in run_dirs]
     for path in paths:
-        if not (path / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{path} has no metrics.jsonl (is it a run's output_dir?)")
+        if not (path / METRICS_FILE).is_file():
+            raise FileNotFoundError(f"{path} has no {METRICS_FILE} (is it a run's output_dir?)")
     if names is None:
         names = [p.resolve().name for p in paths]
         if len(set(names)) < len(names):

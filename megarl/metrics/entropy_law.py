@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 METRIC_PREFIX = "entropy_law"
+ENTROPY_KEY = "entropy/mean"
+REWARD_KEY = "reward/mean"
+"""The step metrics the law is fitted to, by the trainer online and by `megarl report`."""
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ from typing import Any, Mapping, Optional
 from megarl.config.logging import LoggingConfig
 from megarl.config.trainer import TrainerConfig
 
-from .entropy_law import EntropyLawFitter
+from .entropy_law import ENTROPY_KEY, REWARD_KEY, EntropyLawFitter
 from .logger import MetricsLogger, is_logging_rank
 from .progress import Progress, step_status
-
-ENTROPY_KEY = "entropy/mean"
-REWARD_KEY = "reward/mean"
 
 
 class TrainingMonitor:
