@@ -71,7 +71,7 @@ class Run:
         steps, values = [], []
         for record in self.records:
             value = record.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if _finite(value):
                 steps.append(record["step"])
                 values.append(float(value))
         return steps, values
