@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from megarl.rollout.servers import free_port  # noqa: E402
 
 VARIANTS = [
     ("grpo (none)", "none", {}),
@@ -165,9 +165,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32768, help="vocab size (split over 2 ranks)")
     p.add_argument("--rounds", type=int, default=5, help="timed calls of each variant")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     settings = {"tokens": args.tokens, "vocab": args.vocab, "rounds": args.rounds}

@@ -26,7 +26,6 @@ Timings are measured in separate runs from memory (the profiler slows calls down
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from megarl.ops import (  # noqa: E402
     vocab_parallel_nucleus_entropy,
     vocab_parallel_token_stats,
 )
+from megarl.rollout.servers import free_port  # noqa: E402
 
 H200_BYTES_PER_S = 4.8e12  # HBM3e peak, for the bandwidth floor
 
@@ -269,13 +269,13 @@ def run_cpu(cfg: dict) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_cpu_rank, args=(cfg["tp"], _free_port(), cfg, out), nprocs=cfg["tp"], join=True)
+        mp.spawn(_cpu_rank, args=(cfg["tp"], free_port(), cfg, out), nprocs=cfg["tp"], join=True)
         return torch.load(out)
 
 
 def run_gpu(cfg: dict) -> dict:
     """One device, TP=1: the same variants, plus achieved bytes/s against the HBM floor."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     from megatron.core import parallel_state
 
@@ -288,12 +288,6 @@ def run_gpu(cfg: dict) -> dict:
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
     return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------
