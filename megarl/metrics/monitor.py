@@ -24,7 +24,7 @@ from megarl.config.logging import LoggingConfig
 from megarl.config.trainer import TrainerConfig
 
 from .entropy_law import ENTROPY_KEY, REWARD_KEY, EntropyLawFitter
-from .logger import MetricsLogger, is_logging_rank
+from .logger import MetricsLogger, is_logging_rank, to_floats
 from .progress import Progress, step_status
 
 
@@ -48,7 +48,7 @@ class TrainingMonitor:
 
     def step(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Log one training step; returns the metrics as logged (with the law's figures)."""
-        logged = {key: float(value) for key, value in metrics.items()}
+        logged = to_floats(metrics)
         if ENTROPY_KEY in logged and REWARD_KEY in logged:
             logged |= self.law.update(logged[ENTROPY_KEY], logged[REWARD_KEY])
         self.logger.log(step, logged)
