@@ -8,6 +8,7 @@ responses (`RecordedGenerator`), and against a deterministic fake in tests.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
@@ -75,14 +76,12 @@ def check_responses(prompts: Sequence[str], responses: Any, num_samples: int) ->
 
 
 class RecordedGenerator:
-    """Replays responses recorded earlier (the samples file `megarl eval --samples` writes:
-    one JSON object per problem with `problem` and `responses`), so a finished evaluation can be
+    """Replays responses recorded earlier (the samples.jsonl `megarl eval` writes: one JSON
+    object per problem with `problem` and `responses`), so a finished evaluation can be
     re-scored with other k values or a newer verifier without any model. Prompts are matched
     by rendering each recorded problem the way `evaluate` does."""
 
     def __init__(self, path: str, tokenizer: Optional[Any], cfg: EvalConfig) -> None:
-        import json
-
         self._by_prompt: dict[str, list[str]] = {}
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
