@@ -74,7 +74,12 @@ class MegatronActor:
         self.optimizer, self.scheduler = build_optimizer(
             self.model, cfg.optimizer, cfg.model, total_optimizer_steps
         )
-        self.packed = megatron_config.use_transformer_engine(cfg.model)
+        # Megatron's interleaved schedule exchanges activation/gradient shapes in one batched
+        # call; with two stages the previous and next rank are the same peer and the shapes
+        # get swapped. With a virtual pipeline every micro-batch of a schedule call therefore
+        # has one shape, which only the padded layout can give.
+        self.uniform_shapes = ctx.vpp is not None
+        self.packed = megatron_config.use_transformer_engine(cfg.model) and not self.uniform_shapes
         self._reference: Optional[list[torch.Tensor]] = None
         self.num_skipped_steps = 0
         self.consecutive_skipped_steps = 0
@@ -104,11 +109,11 @@ class MegatronActor:
             )
         budget = self.cfg.algorithm.micro_batch_tokens
         groups = plan_micro_batches([s.num_tokens for s in samples], budget,
-                                    padded=not self.packed)
+                                    padded=not self.packed,
+                                    multiple_of=self.ctx.pp if self.ctx.vpp else 1)
         pad_to = self.ctx.tp if self.cfg.parallel.sequence_parallel else 1
-        uniform = self.ctx.vpp is not None   # see megatron_config: two-stage interleaving
-        longest = max(s.num_tokens for s in samples) if uniform else 0
-        rows = max(len(g) for g in groups) if uniform else 0
+        longest = max(s.num_tokens for s in samples) if self.uniform_shapes else 0
+        rows = max(len(g) for g in groups) if self.uniform_shapes else 0
         micro = []
         for g in groups:
             chosen = [samples[i] for i in g]

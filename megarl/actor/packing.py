@@ -39,13 +39,47 @@ def balance_over_ranks(samples: Sequence[Sample], num_ranks: int) -> list[list[i
     return [[i for i in range(len(samples)) if owner[i] == r] for r in range(num_ranks)]
 
 
-def plan_micro_batches(lengths: Sequence[int], token_budget: int, *, padded: bool) -> list[list[int]]:
+def plan_micro_batches(lengths: Sequence[int], token_budget: int, *, padded: bool,
+                       multiple_of: int = 1) -> list[list[int]]:
     """Group sample indices into micro-batches of at most `token_budget` tokens (counted as
     rows x longest row when padded, as the sum when packed), keeping the input order.
 
     A sample longer than the budget gets a micro-batch of its own rather than an error: the
-    budget bounds memory for the common case, not correctness.
+    budget bounds memory for the common case, not correctness. With `multiple_of` > 1 (the
+    interleaved pipeline schedule needs a multiple of the pipeline size) the samples are
+    split into the next multiple of micro-batches instead (the previous one when there are
+    too few samples), with near-equal token counts.
     """
+    plans = _by_budget(lengths, token_budget, padded)
+    if len(plans) % multiple_of == 0:
+        return plans
+    parts = -(-len(plans) // multiple_of) * multiple_of
+    if parts > len(lengths):   # not enough samples: fewer, larger micro-batches
+        parts = len(lengths) // multiple_of * multiple_of
+    if parts == 0:
+        raise ValueError(f"{len(lengths)} samples cannot fill {multiple_of} micro-batches (the "
+                         "pipeline size, which the interleaved schedule needs at least)")
+    return _even_split(lengths, parts)
+
+
+def _even_split(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous non-empty groups whose token totals are as equal as order allows."""
+    total, done, groups, start = sum(lengths), 0, [], 0
+    for part in range(1, parts):
+        end = start + 1           # every group takes at least one sample ...
+        done += lengths[start]
+        # ... then samples while the running total stays below this group's share, leaving
+        # one sample for each group still to come.
+        while end < len(lengths) - (parts - part) and done + lengths[end] <= total * part / parts:
+            done += lengths[end]
+            end += 1
+        groups.append(list(range(start, end)))
+        start = end
+    groups.append(list(range(start, len(lengths))))
+    return groups
+
+
+def _by_budget(lengths: Sequence[int], token_budget: int, padded: bool) -> list[list[int]]:
     plans: list[list[int]] = []
     current: list[int] = []
     longest = total = 0

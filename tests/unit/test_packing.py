@@ -78,3 +78,19 @@ def test_sample_checks_its_fields():
     s = _sample(2, 3)
     s.old_log_probs = torch.zeros(3)
     assert s.for_transport().old_log_probs is None
+
+
+@given(st.lists(st.integers(1, 100), min_size=4, max_size=30), st.integers(20, 300),
+       st.integers(2, 4))
+@settings(max_examples=60, deadline=None)
+def test_interleaved_pipelines_get_a_multiple_of_the_pipeline_size(lengths, budget, pp):
+    plans = plan_micro_batches(lengths, budget, padded=True, multiple_of=pp)
+    assert len(plans) % pp == 0 and all(plans)
+    assert [i for p in plans for i in p] == list(range(len(lengths)))
+
+
+def test_too_few_samples_for_the_pipeline_is_a_clear_error():
+    with pytest.raises(ValueError, match="3 samples cannot fill 4 micro-batches"):
+        plan_micro_batches([50, 50, 50], 60, padded=True, multiple_of=4)
+    # rounding up would need 6 micro-batches of 4 samples: round down instead
+    assert plan_micro_batches([1, 11, 11, 1], 20, padded=True, multiple_of=3) == [[0], [1], [2, 3]]
