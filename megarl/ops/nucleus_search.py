@@ -91,19 +91,14 @@ class _FirstStep:
 
     def kept(self, cols) -> dict:
         """Keys, masses, x, y, e of the crossing bucket's elements, left-packed per row."""
-        row, col = (self.bucket == self.crossing).nonzero(as_tuple=True)
-        counts = torch.bincount(row, minlength=self.bucket.shape[0])
-        pos = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
-        width = int(counts.max()) if counts.numel() else 0
-        out = {}
-        fills = {"keys": MIN_KEY, "fixed": 0, "x": float("-inf"), "y": float("-inf"), "e": 0.0}
-        sources = {"keys": order_keys(self.x[row, col], cols[col]), "fixed": self.fixed[row, col],
-                   "x": self.x[row, col].float(), "y": self.y[row, col], "e": self.e[row, col]}
-        for name, values in sources.items():
-            out[name] = torch.full((self.bucket.shape[0], width), fills[name], dtype=values.dtype,
-                                   device=row.device)
-            out[name][row, pos] = values
-        return out
+        packing = _Packing(self.bucket == self.crossing)
+        row, col = packing.row, packing.col
+        x = self.x[row, col]
+        return {"keys": packing.pack(order_keys(x, cols[col]), MIN_KEY),
+                "fixed": packing.pack(self.fixed[row, col], 0),
+                "x": packing.pack(x.float(), float("-inf")),
+                "y": packing.pack(self.y[row, col], float("-inf")),
+                "e": packing.pack(self.e[row, col], 0.0)}
 
     def above_sums(self, bits: int) -> torch.Tensor:
         """[G, 4] int64 sums over this rank's elements in buckets above the crossing bucket."""
@@ -166,12 +161,23 @@ def _bucket_shift(width: torch.Tensor) -> torch.Tensor:
 
 def _keep_inside(keys, fixed, lo, hi):
     """The elements with lo <= key < hi, left-packed per row (padding: MIN_KEY, mass 0)."""
-    inside = (keys >= lo.unsqueeze(1)) & (keys < hi.unsqueeze(1))
-    counts = inside.sum(1)
-    width = int(counts.max())
-    row, col = inside.nonzero(as_tuple=True)
-    pos = torch.arange(row.numel(), device=keys.device) - (counts.cumsum(0) - counts)[row]
-    packed_keys = torch.full((keys.shape[0], width), MIN_KEY, dtype=keys.dtype, device=keys.device)
-    packed_fixed = torch.zeros((keys.shape[0], width), dtype=fixed.dtype, device=keys.device)
-    packed_keys[row, pos], packed_fixed[row, pos] = keys[row, col], fixed[row, col]
-    return packed_keys, packed_fixed
+    packing = _Packing((keys >= lo.unsqueeze(1)) & (keys < hi.unsqueeze(1)))
+    row, col = packing.row, packing.col
+    return packing.pack(keys[row, col], MIN_KEY), packing.pack(fixed[row, col], 0)
+
+
+class _Packing:
+    """Where the selected entries of a [G, V] mask go when each row is packed to the left."""
+
+    def __init__(self, selected_GV: torch.Tensor):
+        self.row, self.col = selected_GV.nonzero(as_tuple=True)
+        counts = torch.bincount(self.row, minlength=selected_GV.shape[0])
+        start = counts.cumsum(0) - counts
+        self.pos = torch.arange(self.row.numel(), device=self.row.device) - start[self.row]
+        self.shape = (selected_GV.shape[0], int(counts.max()) if counts.numel() else 0)
+
+    def pack(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """[G, M]: `values` (one per selected entry, in `nonzero` order), padded with `fill`."""
+        out = torch.full(self.shape, fill, dtype=values.dtype, device=values.device)
+        out[self.row, self.pos] = values
+        return out
