@@ -44,13 +44,12 @@ def open_generator(args: argparse.Namespace, cfg: MegarlConfig,
                    output_dir: Path) -> Iterator[tuple[Generator, Optional[Any]]]:
     """(generator, tokenizer) for the source the command line names; servers started here
     are stopped on exit."""
-    if args.replay is not None:
-        tokenizer = load_tokenizer(cfg.model.hf_dir)
-        yield RecordedGenerator(str(args.replay), tokenizer, cfg.eval), tokenizer
-        return
     # With --megatron-dir, model.hf_dir is the source checkpoint (--hf-config-dir): its
     # tokenizer is the model's, whatever files the converter writes.
     tokenizer = load_tokenizer(cfg.model.hf_dir)
+    if args.replay is not None:
+        yield RecordedGenerator(str(args.replay), tokenizer, cfg.eval), tokenizer
+        return
     weights_dir = cfg.model.hf_dir
     if args.megatron_dir:
         weights_dir = str(convert_megatron(args.megatron_dir, args.hf_config_dir,
