@@ -55,10 +55,10 @@ def evaluate(
     generator = as_generator(generator, tokenizer, eval_cfg)
     loaded = load_benchmarks(benchmarks, eval_cfg)
     params = SamplingParams.from_config(eval_cfg)
+    hooks = _Hooks(progress, sample_sink, reward)
     per_benchmark: dict[str, dict[str, float]] = {}
     for bench in loaded:
-        rows = _run_benchmark(generator, tokenizer, bench, eval_cfg, params,
-                              _Hooks(progress, sample_sink, reward))
+        rows = _run_benchmark(generator, tokenizer, bench, eval_cfg, params, hooks)
         per_benchmark[bench.name] = _mean_rows(rows) | {"num_problems": len(rows)}
     return {
         "n": params.num_samples,
