@@ -95,7 +95,6 @@ def select(x_TV: torch.Tensor, max_T: torch.Tensor, sum_fixed_T: torch.Tensor,
     threshold = torch.minimum(torch.ceil(spec.top_p * sum_fixed_T.double()).long(), sum_fixed_T)
     args = (shard, spec, temperature, bits)
     pending = None  # all rows: the first stage takes row slices, never a copy of the input
-    lo = hi = None
     stages = _stage_sizes(spec.top_k, shard.vocab_local)
     for stage, k in enumerate(stages):
         k_next = stages[stage + 1] if stage + 1 < len(stages) else None

@@ -59,15 +59,10 @@ class VocabShard:
         """Global id of this rank's first column."""
         return self.rank * self.vocab_local
 
-    def real_columns(self, rank: int | None = None) -> int:
-        """How many leading columns of `rank`'s shard (default: this rank) are real ids."""
-        r = self.rank if rank is None else rank
-        return max(0, min(self.vocab_local, self.real_vocab - r * self.vocab_local))
-
     @property
     def real_local(self) -> int:
-        """How many of this rank's columns are real ids."""
-        return self.real_columns()
+        """How many of this rank's columns are real ids (they lead the shard)."""
+        return max(0, min(self.vocab_local, self.real_vocab - self.start))
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise max over the group, in place."""
