@@ -302,11 +302,16 @@ class RolloutPlan:
         return self.kv_tokens_per_server >= self.sequence_tokens
 
 
+def server_weight_bytes(shape: ModelShape, server_tp: int) -> float:
+    """The bf16 weights one GPU of an SGLang server of TP = `server_tp` holds."""
+    return 2 * shape.num_parameters / server_tp
+
+
 def estimate_rollout(shape: ModelShape, *, mode: str, num_servers: int, server_tp: int,
                      gpu_memory_gib: float, mem_fraction: float, sequence_tokens: int,
                      where: str) -> RolloutPlan:
     """Weights and KV-cache capacity of SGLang servers of `server_tp` GPUs (bf16)."""
-    weights = 2 * shape.num_parameters / server_tp
+    weights = server_weight_bytes(shape, server_tp)
     kv_per_token = (2 * shape.num_layers * max(shape.num_query_groups / server_tp, 1)
                     * shape.head_dim * 2)
     budget = max(mem_fraction * gpu_memory_gib * GIB - weights, 0.0)

@@ -37,6 +37,7 @@ from megarl.parallel.topology import check_topology, padded_vocab_size
 from megarl.parallel.memory import (
     BUILTIN_MODELS, DEFAULT_GPU_MEMORY_GIB, GIB, RUNTIME_RESERVE_GIB, Layout, PlanError, RolloutPlan,
     TrainerMemory, TrainSettings, builtin_shape, estimate_memory, estimate_rollout,
+    server_weight_bytes,
 )
 
 
@@ -216,7 +217,7 @@ def pick_server_tp(shape: ModelShape, gpu_memory_gib: float, mem_fraction: float
     (the other half, at least, is KV cache)."""
     pool = mem_fraction * gpu_memory_gib * GIB
     for tp in _divisors(gpus_per_node):
-        if shape.num_attention_heads % tp == 0 and 2 * shape.num_parameters / tp <= pool / 2:
+        if shape.num_attention_heads % tp == 0 and server_weight_bytes(shape, tp) <= pool / 2:
             return tp
     raise PlanError(f"no SGLang server of at most {gpus_per_node} GPUs holds the model with "
                     f"room for a KV cache ({mem_fraction} x {gpu_memory_gib:g} GiB per GPU)")
@@ -258,7 +259,7 @@ def suggest(model: str, shape: ModelShape, gpus: int, settings: TrainSettings, *
     else:  # the smallest server TP whose weights and as much KV cache fit beside the actor
         for tp in [server_tp] if server_tp else [t for t in _divisors(gpus_per_node)
                                                  if gpus % t == 0]:
-            colocated = 2 * 2 * shape.num_parameters / tp
+            colocated = 2 * server_weight_bytes(shape, tp)
             found = fitting_layout(shape, gpus, settings, limit_bytes=limit,
                                    gpus_per_node=gpus_per_node, colocated_bytes=colocated)
             if found is not None:
@@ -266,7 +267,7 @@ def suggest(model: str, shape: ModelShape, gpus: int, settings: TrainSettings, *
                 break
     if found is None:
         # More GPUs also allow a colocated server of a whole node.
-        colocated = colocated and 2 * 2 * shape.num_parameters / gpus_per_node
+        colocated = colocated and 2 * server_weight_bytes(shape, gpus_per_node)
         err = _too_few_gpus(model, shape, trainer_gpus, settings, limit, gpus_per_node, colocated)
         if trainer_gpus < gpus:
             err = PlanError(f"{err}; the other {gpus - trainer_gpus} of --gpus {gpus} run SGLang "
