@@ -1,6 +1,6 @@
 """Control calls to every generation server at once (never through the router, which would
 send them to one server): pause and resume, weight-update sessions, versions, cache flushes,
-server information and weight read-back.
+memory release and resumption, server information and weight read-back.
 
 Calls go to all servers concurrently; a failure names the server and the endpoint.
 """
@@ -80,6 +80,16 @@ class ServerAdmin:
 
     def abort_all(self) -> None:
         self.call_all("/abort_request", {"abort_all": True}, parse=_ignore, expect_json=False)
+
+    def release_memory(self) -> None:
+        """Free weights, KV cache and CUDA graphs (servers started with enable_memory_saver)."""
+        self.call_all("/release_memory_occupation", P.memory_occupation_payload(), parse=_ignore,
+                      expect_json=False)
+
+    def resume_memory(self, tags: Sequence[str]) -> None:
+        """Take back the memory of these regions (weights, kv_cache, cuda_graph)."""
+        self.call_all("/resume_memory_occupation", P.memory_occupation_payload(tags),
+                      parse=_ignore, expect_json=False)
 
     def server_info(self) -> list[dict[str, Any]]:
         return self.call_all("/server_info", None, method="GET", parse=P.parse_server_info)

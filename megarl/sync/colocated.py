@@ -26,7 +26,7 @@ import base64
 import io
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -102,8 +102,7 @@ class ColocatedWeightSync(WeightSync):
         """After a rollout: pause the server and free its GPU memory for training."""
         if self.is_leader:
             self.admin.pause(self.pause_mode)
-            self.admin.call_all("/release_memory_occupation", P.memory_occupation_payload(),
-                                parse=_ignore, expect_json=False)
+            self.admin.release_memory()
         self.released = True
 
     def update(self, named_tensors: NamedTensors, *, version: str) -> SyncStats:
@@ -111,7 +110,7 @@ class ColocatedWeightSync(WeightSync):
         start = time.perf_counter()
         if self.is_leader:
             if self.released:
-                self._resume(["weights"])
+                self.admin.resume_memory(["weights"])
             else:  # never released: still pause, as for the broadcast transport
                 self.admin.pause(self.pause_mode)
             self.admin.begin_weight_update()
@@ -123,7 +122,7 @@ class ColocatedWeightSync(WeightSync):
         if self.is_leader:
             self.admin.end_weight_update()
             if self.released:
-                self._resume(list(RESIDENT_AFTER_WEIGHTS))
+                self.admin.resume_memory(RESIDENT_AFTER_WEIGHTS)
             if self.pause_mode != "in_place":  # in_place keeps its KV cache by design
                 self.admin.flush_cache()
             self.admin.set_weight_version(stats.version)
@@ -131,10 +130,6 @@ class ColocatedWeightSync(WeightSync):
         self.released = False
         stats.seconds = time.perf_counter() - start
         return stats
-
-    def _resume(self, tags: Sequence[str]) -> None:
-        self.admin.call_all("/resume_memory_occupation", P.memory_occupation_payload(tags),
-                            parse=_ignore, expect_json=False)
 
     def _send(self, named: list[tuple[str, torch.Tensor]]) -> None:
         payload = self.serializer(named)
@@ -167,7 +162,3 @@ def server_group(num_servers: int, server_tp: int) -> Any:
         if dist.get_rank() in ranks:
             mine = group
     return mine
-
-
-def _ignore(body: Any, where: str) -> Any:
-    return body
