@@ -252,7 +252,7 @@ def _finish_forward(x, targets, row_max, totals, clamp, plan: _Plan) -> dict:
         n = nuc.select(x, row_max, sum_fixed, plan.shard, plan.nucleus,
                        temperature=plan.temperature, bits=plan.bits, budget_bytes=budget)
         out.update(nucleus_entropy=n.entropy, nucleus_mass=n.mass, nucleus_size=n.size,
-                   hp=n.entropy.clone(), hp_size=n.size.clone(), hp_log_mass=n.log_mass,
+                   hp=n.entropy.clone(), hp_nonempty=n.size > 0, hp_log_mass=n.log_mass,
                    cut_value=n.cut_value, cut_id=n.cut_id, split=n.split, dense=n.dense,
                    member_rows=n.member_rows, member_ids=n.member_ids)
     return out
@@ -322,7 +322,7 @@ def _coefficients(saved: dict, plan: _Plan, targets, g_lp, g_h, g_hp):
     nucleus = None
     if g_hp is not None:
         g_hp = g_hp.reshape(-1).float()
-        nonempty = saved["hp_size"] > 0
+        nonempty = saved["hp_nonempty"]
         log_mass = torch.where(nonempty, saved["hp_log_mass"], log_s)
         rho = torch.where(nonempty, torch.exp(log_s - log_mass), 0.0)  # S / S_N
         b2 = -rho * g_hp * inv_t
