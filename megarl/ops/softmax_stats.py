@@ -54,7 +54,7 @@ def target_values(y_CV: torch.Tensor, local_C: torch.Tensor, owned_C: torch.Tens
 def chunk_sums(y_CV: torch.Tensor, tmp_BV: torch.Tensor, sums_C: torch.Tensor,
                u_C: torch.Tensor | None, bad_C: torch.Tensor | None, *, bits: int,
                block: int) -> None:
-    """Per-row partial sums of one shard as exact int64 fixed point (`fixed_sum`).
+    """Per-row partial sums of one shard as exact int64 fixed point (`block_sums`, `to_fixed`).
 
     sums = sum e; u = sum e * y (when `u_C` is given). Exact integer sums do not depend on
     the order or on how the vocab is split, so every output is the same for every TP size
@@ -79,7 +79,7 @@ vocab to 128 x TP); otherwise every element is its own block (exact too, but slo
 
 
 def mass_block(vocab_local: int) -> int:
-    """The block size `fixed_sum` can use for shards of this width."""
+    """The block size `block_sums` can use for shards of this width."""
     return MASS_BLOCK if vocab_local % MASS_BLOCK == 0 else 1
 
 
